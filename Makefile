@@ -1,0 +1,33 @@
+# `make demo` and `make test` create (or refresh, when pyproject.toml or constraints.txt changed) the
+# local virtual environment .venv, then do their job. torch is pinned by constraints.txt.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: venv demo test test-all clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(VENV)/bin/pico-llm train --dataset numbers --models transformer --prompt "0 1 2 3 4" \
+		--output_dir runs --run_name demo --overwrite --max_new_tokens 16
+	@echo
+	$(VENV)/bin/pico-llm generate runs/demo --compare_p greedy,0.5,0.95,1.0 --max_new_tokens 16 --seed 0
+	@echo
+	@echo "run directory: runs/demo   (loss plot: runs/demo/loss.png, samples: runs/demo/samples.md)"
+
+test: venv
+	$(PY) -m pytest -q
+
+test-all: venv
+	$(PY) -m pytest -q -m ''
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

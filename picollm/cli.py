@@ -1,0 +1,300 @@
+"""Command line: one table of subcommands; the classic flag set is defined once, here.
+
+Each handler is a thin wrapper over a library function. Errors a user can cause are PicoError: one
+line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+from .config import MODELS, PRESETS, DataConfig, SampleConfig, TrainConfig, resolve_model_config
+from .errors import PicoError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises PicoError (one line, exit 2) instead of printing usage."""
+
+    def error(self, message):
+        raise PicoError(f"{self.prog}: {message}")
+
+
+def _bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+# Defaults that differ between `pico-llm train` and the classic starter entry point.
+TRAIN_DEFAULTS = dict(models="transformer", tokenizer="bpe", tinystories_weight=0.0, block_size=64, embed_size=128,
+                      device_id="cpu", epochs=1, learning_rate=3e-3, batch_size=32, kgram_chunk_size=0)
+CLASSIC_DEFAULTS = dict(models="lstm", tokenizer="gpt2", tinystories_weight=0.5, block_size=1024, embed_size=1024,
+                        device_id="cuda:0", epochs=3, learning_rate=1e-3, batch_size=16, kgram_chunk_size=0)
+NUMBERS_DEFAULTS = dict(max_steps_per_epoch=400)  # `--dataset numbers`: a short, fair CPU budget per family
+
+
+def add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
+    """The training flag set, starter names first. Model flags default to None so presets apply."""
+    d = defaults
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["files", "numbers"], default="files",
+                   help="numbers: the built-in numeric-sequence corpus; files: --input_files/--input_dir/TinyStories")
+    g.add_argument("--input_files", nargs="*", default=[], help="text files, one example per non-empty line")
+    g.add_argument("--input_dir", default=None, help="a directory of *.txt files (recursive)")
+    g.add_argument("--input_mode", choices=["lines", "documents"], default="lines")
+    g.add_argument("--limit_custom_examples", type=int, default=None)
+    g.add_argument("--numbers_count", type=int, default=3333)
+    g.add_argument("--tinystories_weight", type=float, default=d["tinystories_weight"],
+                   help="probability that an example comes from TinyStories (0 skips loading it)")
+    g.add_argument("--tinystories_path", default=None, help="local TinyStories .txt / .parquet / .jsonl")
+    g.add_argument("--tinystories_subset", type=int, default=20000)
+    g.add_argument("--test_fraction", type=float, default=0.1)
+    g.add_argument("--tokenizer", default=d["tokenizer"], help="bpe | gpt2 | byte")
+    g.add_argument("--vocab_size", type=int, default=4096, help="bpe vocabulary size")
+    g.add_argument("--batching", choices=["packed", "padded"], default="packed")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--models", default=d["models"], help="comma-separated: lstm,kgram,transformer")
+    g.add_argument("--block_size", type=int, default=d["block_size"])
+    g.add_argument("--embed_size", type=int, default=d["embed_size"])
+    g.add_argument("--preset", default=None, help=f"transformer style: {', '.join(PRESETS)}")
+    g.add_argument("--n_heads", type=int, default=None)
+    g.add_argument("--n_blocks", type=int, default=None)
+    g.add_argument("--pos_emb", default=None, help="none | learned | sinusoidal | rope")
+    g.add_argument("--norm", default=None, help="rmsnorm | layernorm")
+    g.add_argument("--norm_placement", default=None, help="pre | post")
+    g.add_argument("--mlp", default=None, help="gelu | swiglu")
+    g.add_argument("--bias", type=_bool, default=None)
+    g.add_argument("--tie_weights", type=_bool, default=None)
+    g.add_argument("--use_position_emb", type=_bool, default=None, help="false: no positional embedding")
+    g.add_argument("--use_post_norm", action="store_true", default=None, help="same as --norm_placement post")
+    g.add_argument("--dropout", type=float, default=None)
+    g.add_argument("--hidden_size", type=int, default=None, help="LSTM hidden size (default: embed_size)")
+    g.add_argument("--lstm_layers", type=int, default=None)
+    g.add_argument("--kgram_k", type=int, default=None)
+    g.add_argument("--kgram_variant", default=None, help="onehot | embedding | conv")
+    g.add_argument("--num_inner_mlp_layers", type=int, default=None)
+    g.add_argument("--kgram_chunk_size", type=int, default=d["kgram_chunk_size"],
+                   help="k-gram positions per chunk, a memory knob (0: all at once)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=d["epochs"])
+    g.add_argument("--max_steps_per_epoch", type=int, default=None)
+    g.add_argument("--batch_size", type=int, default=d["batch_size"])
+    g.add_argument("--learning_rate", type=float, default=d["learning_rate"])
+    g.add_argument("--weight_decay", type=float, default=0.1)
+    g.add_argument("--warmup_steps", type=int, default=20)
+    g.add_argument("--lr_schedule", default="cosine", help="cosine (warmup + cosine decay) | constant")
+    g.add_argument("--grad_clip", type=float, default=1.0)
+    g.add_argument("--eval_interval", type=int, default=0, help="also evaluate every N steps (0: epoch ends only)")
+    g.add_argument("--eval_batches", type=int, default=20)
+    g.add_argument("--log_interval", type=int, default=10)
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--device_id", default=d["device_id"], help="cpu | cuda | cuda:N | mps (falls back to cpu)")
+    g.add_argument("--precision", default="fp32", help="auto | fp32 | bf16 | fp16")
+    g.add_argument("--prompt", default="Once upon a")
+    g.add_argument("--max_new_tokens", type=int, default=20, help="length of the samples printed at the end")
+    g.add_argument("--output_dir", default="runs")
+    g.add_argument("--run_name", default=None, help="default: a timestamp and the model names")
+    g.add_argument("--resume", default=None, metavar="RUN", help="continue a run directory")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    g.add_argument("--stop_at_step", type=int, default=None, help="stop (with a checkpoint) after this step")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def parse_models(spec: str) -> list[str]:
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    if not names:
+        raise PicoError("--models is empty")
+    for m in names:
+        if m not in MODELS:
+            raise PicoError(f"unknown model {m!r}; choose from: {', '.join(MODELS)}")
+    if len(set(names)) != len(names):
+        raise PicoError(f"--models lists a model twice: {spec}")
+    return names
+
+
+def configs_from_args(a: argparse.Namespace):
+    """(model names, {model: ModelConfig}, DataConfig, TrainConfig) from parsed train flags (validated)."""
+    names = parse_models(a.models)
+    if a.dataset == "numbers" and a.max_steps_per_epoch is None:
+        a.max_steps_per_epoch = NUMBERS_DEFAULTS["max_steps_per_epoch"]
+    data = DataConfig(dataset=a.dataset, input_files=list(a.input_files or []), input_dir=a.input_dir,
+                      input_mode=a.input_mode, limit_custom_examples=a.limit_custom_examples,
+                      numbers_count=a.numbers_count, tinystories_weight=a.tinystories_weight,
+                      tinystories_path=a.tinystories_path, tinystories_subset=a.tinystories_subset,
+                      test_fraction=a.test_fraction, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
+                      batching=a.batching, seed=a.seed)
+    train = TrainConfig(epochs=a.epochs, max_steps_per_epoch=a.max_steps_per_epoch, batch_size=a.batch_size,
+                        learning_rate=a.learning_rate, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
+                        lr_schedule=a.lr_schedule, grad_clip=a.grad_clip, eval_interval=a.eval_interval,
+                        eval_batches=a.eval_batches, log_interval=max(1, a.log_interval), device=a.device_id,
+                        precision=a.precision, seed=a.seed, prompt=a.prompt, max_new_tokens=a.max_new_tokens)
+    pos_emb = a.pos_emb
+    if a.use_position_emb is False:
+        pos_emb = "none"
+    elif a.use_position_emb and pos_emb is None and a.preset is None:
+        pos_emb = "learned"
+    flags = dict(block_size=a.block_size, n_embd=a.embed_size, n_head=a.n_heads, n_layer=a.n_blocks, pos_emb=pos_emb,
+                 norm=a.norm, norm_placement="post" if a.use_post_norm else a.norm_placement, mlp=a.mlp, bias=a.bias,
+                 tie_weights=a.tie_weights, dropout=a.dropout, hidden_size=a.hidden_size, lstm_layers=a.lstm_layers,
+                 kgram_k=a.kgram_k, kgram_variant=a.kgram_variant, num_inner_mlp_layers=a.num_inner_mlp_layers,
+                 kgram_chunk_size=a.kgram_chunk_size)
+    models = {m: resolve_model_config(preset=a.preset, model=m, **flags) for m in names}
+    return names, models, data, train
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from . import checkpoint as ckpt
+    from .train import train, train_models
+
+    if a.resume:
+        mcfg, dcfg, tcfg = ckpt.load_config(a.resume)
+        summary = train(mcfg, dcfg, tcfg, a.resume, resume=True, stop_at_step=a.stop_at_step,
+                        progress=not a.no_progress)
+        return 0
+    names, models, data, train_cfg = configs_from_args(a)
+    name = a.run_name or time.strftime("%Y%m%d-%H%M%S-") + "-".join(names)
+    train_models(names, models, data, train_cfg, a.output_dir, name, overwrite=a.overwrite,
+                 stop_at_step=a.stop_at_step, progress=not a.no_progress)
+    return 0
+
+
+def _load(run: str, device: str = "cpu"):
+    from .checkpoint import load_run
+
+    return load_run(run, device)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .sampling import generate_text, sample_settings
+    from .train import md_cell
+
+    model, tok, (mcfg, dcfg, tcfg) = _load(a.run)
+    prompt = tcfg.prompt if a.prompt is None else a.prompt
+    if prompt == "":
+        raise PicoError("--prompt must not be empty")
+    base = SampleConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                        greedy=a.greedy, stop_at_eot=a.stop_at_eot, seed=a.seed)
+    if a.num_samples < 1:
+        raise PicoError("--num_samples must be >= 1")
+    if a.compare_p:
+        print("| setting | sample |\n|---|---|")
+        for label, cfg in sample_settings(a.compare_p, base):
+            n = 1 if cfg.greedy else a.num_samples
+            for text in generate_text(model, tok, prompt, cfg, num_samples=n):
+                print(f"| {label} | {md_cell(text)} |")
+        return 0
+    for text in generate_text(model, tok, prompt, base, num_samples=a.num_samples):
+        print(text)
+        if a.num_samples > 1:
+            print("---")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run
+
+    result = evaluate_run(a.run, input_files=a.input_files, batch_size=a.batch_size, max_batches=a.eval_batches)
+    for k, v in result.items():
+        print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def cmd_data(a: argparse.Namespace) -> int:
+    from .data.sources import generate_numbers
+
+    if a.count < 1:
+        raise PicoError("--count must be >= 1")
+    lines = generate_numbers(a.count, seed=a.seed)
+    if os.path.isdir(a.out):
+        raise PicoError(f"--out {a.out} is a directory")
+    with open(a.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {len(lines)} sequences to {a.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pico-llm", description="A laboratory for tiny language models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train one or several models")
+    add_train_arguments(t, TRAIN_DEFAULTS)
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="sample from a trained run")
+    g.add_argument("run")
+    g.add_argument("--prompt", default=None, help="default: the run's training prompt")
+    g.add_argument("--max_new_tokens", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top_k", type=int, default=None)
+    g.add_argument("--top_p", type=float, default=None)
+    g.add_argument("--greedy", action="store_true")
+    g.add_argument("--stop_at_eot", action="store_true")
+    g.add_argument("--num_samples", type=int, default=1)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--compare_p", default=None, help="e.g. greedy,0.2,0.5,0.95,1.0: a Markdown table")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="test loss, perplexity, bits per byte, continuation accuracy")
+    e.add_argument("run")
+    e.add_argument("--input_files", nargs="*", default=None, help="evaluate on these files instead of the test split")
+    e.add_argument("--batch_size", type=int, default=32)
+    e.add_argument("--eval_batches", type=int, default=50)
+    e.add_argument("--json", default=None)
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("data", help="write a built-in corpus")
+    d.add_argument("corpus", choices=["numbers"])
+    d.add_argument("--out", required=True)
+    d.add_argument("--count", type=int, default=3333)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_data)
+    return p
+
+
+def run_cli(fn: Callable[[], int]) -> int:
+    """Runs a command; a PicoError becomes one line on stderr and exit status 2."""
+    try:
+        return fn()
+    except PicoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    def go() -> int:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+
+    return run_cli(go)
+
+
+def classic_main(argv: Optional[list[str]] = None) -> int:
+    """The course starter's command line: same flags, same meanings, same defaults where they run here."""
+
+    def go() -> int:
+        p = _Parser(prog="pico-llm.py", description="Train k-gram / LSTM / Transformer models (classic flags).")
+        add_train_arguments(p, CLASSIC_DEFAULTS)
+        p.add_argument("--monosemantic_enabled", action="store_true", default=False)
+        args = p.parse_args(argv)
+        if args.run_name is None:
+            args.run_name = time.strftime("classic-%Y%m%d-%H%M%S")
+        return cmd_train(args)
+
+    return run_cli(go)

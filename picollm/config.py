@@ -1,0 +1,194 @@
+"""Configuration dataclasses. Each validates itself in __post_init__ and round-trips through JSON,
+so a run directory's config.json is all that is needed to rebuild a model or resume a run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from .errors import PicoError
+
+MODELS = ("lstm", "kgram", "transformer")
+TOKENIZERS = ("bpe", "gpt2", "byte")
+
+# Architecture styles (sizes come from n_layer / n_head / n_embd). Explicit flags override these.
+PRESETS: dict[str, dict[str, Any]] = {
+    "pico": dict(pos_emb="rope", norm="rmsnorm", norm_placement="pre", mlp="swiglu", bias=False, tie_weights=True),
+    "mingpt": dict(pos_emb="learned", norm="layernorm", norm_placement="pre", mlp="gelu", bias=True, tie_weights=False),
+    "gpt2": dict(pos_emb="learned", norm="layernorm", norm_placement="pre", mlp="gelu", bias=True, tie_weights=True),
+    "llama": dict(pos_emb="rope", norm="rmsnorm", norm_placement="pre", mlp="swiglu", bias=False, tie_weights=False),
+}
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise PicoError(msg)
+
+
+def _choice(name: str, value: str, options) -> None:
+    _check(value in options, f"unknown {name} {value!r}; choose one of: {', '.join(options)}")
+
+
+class _JSON:
+    """JSON round-trip for a flat dataclass; unknown keys are ignored with no error (forward compat)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class DataConfig(_JSON):
+    dataset: str = "files"  # "numbers": the built-in numeric corpus; "files": input files / TinyStories
+    input_files: list[str] = field(default_factory=list)
+    input_dir: Optional[str] = None
+    input_mode: str = "lines"  # lines: one example per non-empty line; documents: one per file
+    limit_custom_examples: Optional[int] = None
+    numbers_count: int = 3333
+    tinystories_weight: float = 0.0
+    tinystories_path: Optional[str] = None
+    tinystories_subset: int = 20000
+    test_fraction: float = 0.1
+    tokenizer: str = "bpe"
+    vocab_size: int = 4096
+    batching: str = "packed"  # packed windows | padded examples
+    seed: int = 1337
+
+    def __post_init__(self):
+        _choice("dataset", self.dataset, ("numbers", "files"))
+        _choice("input_mode", self.input_mode, ("lines", "documents"))
+        _choice("tokenizer", self.tokenizer, TOKENIZERS)
+        _choice("batching", self.batching, ("packed", "padded"))
+        _check(0.0 <= self.tinystories_weight <= 1.0,
+               f"--tinystories_weight must be in [0, 1], got {self.tinystories_weight}")
+        _check(0.0 <= self.test_fraction < 1.0, f"--test_fraction must be in [0, 1), got {self.test_fraction}")
+        _check(self.limit_custom_examples is None or self.limit_custom_examples >= 1,
+               "--limit_custom_examples must be >= 1")
+        _check(self.numbers_count >= 1, "--numbers_count must be >= 1")
+        _check(self.tinystories_subset >= 1, "--tinystories_subset must be >= 1")
+        _check(self.vocab_size >= 260, f"--vocab_size must be >= 260 (bytes plus specials), got {self.vocab_size}")
+        if self.dataset == "files":
+            _check(bool(self.input_files or self.input_dir or self.tinystories_weight > 0),
+                   "no training data: give --input_files, --input_dir, --tinystories_weight > 0 or --dataset numbers")
+
+
+@dataclass
+class ModelConfig(_JSON):
+    model: str = "transformer"
+    vocab_size: int = 0  # filled in from the tokenizer
+    block_size: int = 64
+    n_embd: int = 128
+    dropout: float = 0.0
+    # transformer
+    n_layer: int = 2
+    n_head: int = 4
+    preset: str = "pico"
+    pos_emb: str = "rope"  # none | learned | sinusoidal | rope
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_placement: str = "pre"  # pre | post
+    mlp: str = "swiglu"  # gelu | swiglu
+    bias: bool = False
+    tie_weights: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # lstm
+    hidden_size: int = 0  # 0: same as n_embd
+    lstm_layers: int = 1
+    # k-gram MLP
+    kgram_k: int = 3
+    kgram_variant: str = "onehot"  # onehot | embedding | conv
+    num_inner_mlp_layers: int = 1
+    kgram_chunk_size: int = 0  # positions per chunk (a memory knob); 0: the whole sequence at once
+
+    def __post_init__(self):
+        _choice("model", self.model, MODELS)
+        _choice("preset", self.preset, tuple(PRESETS))
+        _choice("pos_emb", self.pos_emb, ("none", "learned", "sinusoidal", "rope"))
+        _choice("norm", self.norm, ("rmsnorm", "layernorm"))
+        _choice("norm_placement", self.norm_placement, ("pre", "post"))
+        _choice("mlp", self.mlp, ("gelu", "swiglu"))
+        _choice("kgram_variant", self.kgram_variant, ("onehot", "embedding", "conv"))
+        _check(self.block_size >= 2, f"--block_size must be >= 2, got {self.block_size}")
+        _check(self.n_embd >= 1, "--embed_size must be >= 1")
+        _check(self.n_layer >= 1 and self.n_head >= 1, "--n_blocks and --n_heads must be >= 1")
+        _check(self.n_embd % self.n_head == 0,
+               f"--embed_size ({self.n_embd}) must be divisible by --n_heads ({self.n_head})")
+        if self.pos_emb == "rope":
+            _check((self.n_embd // self.n_head) % 2 == 0, "rope needs an even head size (embed_size / n_heads)")
+        _check(0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)")
+        _check(self.kgram_k >= 1, "--kgram_k must be >= 1")
+        _check(self.num_inner_mlp_layers >= 0, "--num_inner_mlp_layers must be >= 0")
+        _check(self.kgram_chunk_size >= 0, "--kgram_chunk_size must be >= 0")
+        _check(self.lstm_layers >= 1 and self.hidden_size >= 0, "--lstm_layers must be >= 1, --hidden_size >= 0")
+        if self.hidden_size == 0:
+            self.hidden_size = self.n_embd
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def resolve_model_config(preset: Optional[str] = None, **flags) -> ModelConfig:
+    """Preset first, then every flag that was given explicitly (not None) on top."""
+    preset = preset or "pico"
+    _choice("preset", preset, tuple(PRESETS))
+    values = dict(PRESETS[preset], preset=preset)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return ModelConfig(**values)
+
+
+@dataclass
+class TrainConfig(_JSON):
+    epochs: int = 1
+    max_steps_per_epoch: Optional[int] = None
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 20
+    lr_schedule: str = "cosine"  # cosine (warmup + cosine decay) | constant
+    grad_clip: float = 1.0
+    eval_interval: int = 0  # 0: evaluate at epoch ends only
+    eval_batches: int = 20
+    log_interval: int = 10
+    device: str = "cpu"
+    precision: str = "fp32"
+    seed: int = 1337
+    prompt: str = "Once upon a"
+    max_new_tokens: int = 20
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+        _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "--max_steps_per_epoch must be >= 1")
+        _check(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.warmup_steps >= 0, "--warmup_steps must be >= 0")
+        _check(self.eval_interval >= 0 and self.eval_batches >= 1, "--eval_interval >= 0 and --eval_batches >= 1")
+        _choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        _choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check(self.prompt != "", "--prompt must not be empty")
+        _check(self.max_new_tokens >= 1, "--max_new_tokens must be >= 1")
+
+
+@dataclass
+class SampleConfig(_JSON):
+    max_new_tokens: int = 20
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None  # None or 1.0: plain sampling; greedy=True overrides
+    greedy: bool = False
+    stop_at_eot: bool = False
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        _check(self.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
+        _check(self.top_p is None or 0.0 < self.top_p <= 1.0, f"--top_p must be in (0, 1], got {self.top_p}")
+        _check(self.top_k is None or self.top_k >= 1, f"--top_k must be >= 1, got {self.top_k}")

@@ -1,0 +1,330 @@
+"""One Tokenizer interface, three tokenizers:
+
+    byte  ids 0..255 are the UTF-8 bytes, 256 is <|endoftext|>; vocab_size 257. Needs nothing.
+    bpe   byte-level BPE trained on the run's own training text with HF `tokenizers` (GPT-2's
+          pre-tokenizer regex and byte alphabet, <|endoftext|> = id 0). Cached by content hash.
+    gpt2  GPT-2's BPE through tiktoken (eot 50256, vocab_size 50257), or built from the original
+          GPT-2 files (vocab.bpe + encoder.json) in $PICOLLM_GPT2_DIR when tiktoken cannot
+          download them.
+
+encode() adds no special tokens; decode() renders the end-of-text id as "<|endoftext|>".
+A run directory holds run_dir/tokenizer.json: the HF tokenizers JSON for bpe (loadable by
+`tokenizers.Tokenizer.from_file` and `transformers.PreTrainedTokenizerFast`), {"type": "byte"}, or
+{"type": "gpt2"} (plus "local_dir" when built from local files), so loading needs nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+from ..errors import PicoError
+
+EOT = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+PathLike = Union[str, Path]
+
+# GPT-2's pre-tokenizer regex, as the original release wrote it. tiktoken ships an equivalent,
+# faster form; use that one when present so local files encode exactly as tiktoken's gpt2 does.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_OFFLINE_HINT = ("use --tokenizer bpe (trained on your data, no download), or make GPT-2's files "
+                     "available: a warm TIKTOKEN_CACHE_DIR, or PICOLLM_GPT2_DIR=DIR with vocab.bpe and encoder.json")
+_TIKTOKEN_DEADLINE_S = 60.0  # tiktoken fetches with `requests` and no timeout; a stalled network must not hang us
+
+
+def _ids(ids) -> list[int]:
+    """Token ids from a list, tuple, numpy array or tensor."""
+    return ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Tokenizer:
+    """What the rest of pico-llm relies on. vocab_size is the size of the id space a model must
+    cover, specials included."""
+
+    name: str
+    vocab_size: int
+    eot_id: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        raise NotImplementedError
+
+    def save(self, run_dir: PathLike) -> None:
+        _write_atomic(Path(run_dir) / TOKENIZER_FILE, self.to_json())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+
+# --------------------------------------------------------------------------- byte
+
+
+class ByteTokenizer(Tokenizer):
+    name = "byte"
+    vocab_size = 257
+    eot_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        parts, run = [], bytearray()
+        for i in _ids(ids):
+            if i == self.eot_id:
+                parts.append(run.decode("utf-8", errors="replace") + EOT)
+                run = bytearray()
+            elif 0 <= i < 256:
+                run.append(i)
+            else:
+                raise ValueError(f"byte tokenizer: id {i} out of range 0..{self.vocab_size - 1}")
+        return "".join(parts) + run.decode("utf-8", errors="replace")
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "byte"})
+
+
+# --------------------------------------------------------------------------- bpe (HF tokenizers)
+
+
+class BPETokenizer(Tokenizer):
+    name = "bpe"
+
+    def __init__(self, hf):
+        self.hf = hf  # tokenizers.Tokenizer
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        eot = hf.token_to_id(EOT)
+        if eot is None:
+            raise PicoError(f"the bpe tokenizer has no {EOT} token")
+        self.eot_id = eot
+        self._batch = getattr(hf, "encode_batch_fast", hf.encode_batch)  # no offsets: faster
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(_ids(ids), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return self.hf.to_str()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PICOLLM_CACHE_DIR") or Path.home() / ".cache" / "picollm")
+
+
+def _bpe_key(texts: Sequence[str], vocab_size: int) -> str:
+    import tokenizers
+
+    h = hashlib.sha256(f"bpe-v1 tokenizers={tokenizers.__version__} vocab={vocab_size}\n".encode())
+    for t in texts:
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))  # length-prefixed: ["ab", "c"] != ["a", "bc"]
+        h.update(b)
+    return h.hexdigest()
+
+
+def _train_bpe(texts: Sequence[str], vocab_size: int):
+    """Train GPT-2-style byte-level BPE. Deterministic: same texts and size, same merges."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return hf
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int = 4096) -> BPETokenizer:
+    """A bpe tokenizer for these texts: from $PICOLLM_CACHE_DIR/tokenizers/<sha256>.json when the
+    same texts and size were seen before, else trained and cached."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    texts = list(texts)
+    if not any(t for t in texts):
+        raise PicoError("the bpe tokenizer needs training text, and the training split is empty")
+    path = cache_dir() / "tokenizers" / f"{_bpe_key(texts, vocab_size)}.json"
+    if path.is_file():
+        try:
+            return BPETokenizer(HFTokenizer.from_file(str(path)))
+        except Exception:  # a damaged cache entry: train again and overwrite it
+            pass
+    tok = BPETokenizer(_train_bpe(texts, vocab_size))
+    try:
+        _write_atomic(path, tok.to_json())
+    except OSError:
+        pass  # an unwritable cache costs a retrain next time, nothing more
+    return tok
+
+
+# --------------------------------------------------------------------------- gpt2 (tiktoken)
+
+
+class GPT2Tokenizer(Tokenizer):
+    name = "gpt2"
+
+    def __init__(self, enc, local_dir: Optional[str] = None):
+        self.enc = enc  # tiktoken.Encoding
+        self.local_dir = local_dir
+        self.vocab_size = enc.n_vocab
+        self.eot_id = enc.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(list(texts))
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(_ids(ids), errors="replace")
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "gpt2", **({"local_dir": self.local_dir} if self.local_dir else {})})
+
+
+@contextmanager
+def _tiktoken_cache_off():
+    """tiktoken caches even local files, keyed by path (an edited file would come back stale);
+    an empty TIKTOKEN_CACHE_DIR turns that off."""
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = old
+
+
+def gpt2_from_files(local_dir: PathLike):
+    """A tiktoken Encoding from the original GPT-2 files DIR/vocab.bpe and DIR/encoder.json."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    d = Path(local_dir)
+    vocab_bpe, encoder_json = d / "vocab.bpe", d / "encoder.json"
+    missing = [p.name for p in (vocab_bpe, encoder_json) if not p.is_file()]
+    if missing:
+        raise PicoError(f"GPT-2 files missing in {d}: {', '.join(missing)} (need vocab.bpe and encoder.json)")
+    try:
+        with _tiktoken_cache_off():
+            ranks = data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(encoder_json))
+        eot = json.loads(encoder_json.read_text(encoding="utf-8")).get(EOT, len(ranks))
+        try:
+            from tiktoken_ext.openai_public import r50k_pat_str as pattern
+        except ImportError:
+            pattern = GPT2_PATTERN
+        return tiktoken.Encoding(name="gpt2", pat_str=pattern, mergeable_ranks=ranks,
+                                 special_tokens={EOT: eot})
+    except Exception as e:  # bad JSON, unknown characters, merges that disagree with the encoder
+        raise PicoError(f"{d}: vocab.bpe and encoder.json are not valid GPT-2 files ({type(e).__name__})") from None
+
+
+def _tiktoken_gpt2():
+    """tiktoken's gpt2 encoding: from its cache, else downloaded; a PicoError when neither works."""
+    import tiktoken
+
+    box: dict = {}
+
+    def work():
+        try:
+            box["enc"] = tiktoken.get_encoding("gpt2")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            box["err"] = e
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(_TIKTOKEN_DEADLINE_S)
+    if "enc" in box:
+        return box["enc"]
+    why = f"{type(box['err']).__name__}" if "err" in box else f"no answer in {_TIKTOKEN_DEADLINE_S:.0f} s"
+    raise PicoError(f"cannot load the gpt2 tokenizer: tiktoken could not download its files ({why}); {GPT2_OFFLINE_HINT}")
+
+
+def gpt2_tokenizer(local_dir: Optional[PathLike] = None) -> GPT2Tokenizer:
+    """GPT-2 BPE: from local files (argument, else $PICOLLM_GPT2_DIR) when given, else tiktoken."""
+    local_dir = local_dir or os.environ.get("PICOLLM_GPT2_DIR") or None
+    if local_dir:
+        local_dir = str(Path(local_dir).resolve())
+        return GPT2Tokenizer(gpt2_from_files(local_dir), local_dir)
+    return GPT2Tokenizer(_tiktoken_gpt2())
+
+
+# --------------------------------------------------------------------------- build / load
+
+
+def build_tokenizer(name: str, train_texts: Optional[Iterable[str]] = None, vocab_size: int = 4096,
+                    gpt2_dir: Optional[PathLike] = None) -> Tokenizer:
+    """name: "bpe" (trained on train_texts to at most vocab_size ids), "gpt2" or "byte"."""
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "gpt2":
+        return gpt2_tokenizer(gpt2_dir)
+    if name == "bpe":
+        if vocab_size < 257:
+            raise PicoError(f"--vocab_size must be >= 257 for bpe (256 bytes + {EOT}), got {vocab_size}")
+        return train_bpe(list(train_texts or []), vocab_size)
+    raise PicoError(f"unknown tokenizer {name!r}; choose one of: bpe, gpt2, byte")
+
+
+def load_tokenizer(run_dir: PathLike) -> Tokenizer:
+    """The tokenizer a run saved: run_dir/tokenizer.json (or that file itself)."""
+    p = Path(run_dir)
+    if p.is_dir():
+        p = p / TOKENIZER_FILE
+    if not p.is_file():
+        raise PicoError(f"no {TOKENIZER_FILE} in {run_dir}: not a pico-llm run directory?")
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PicoError(f"{p} is corrupt ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise PicoError(f"{p} is corrupt (not a JSON object)")
+    if "model" in data:  # the HF tokenizers format: a bpe tokenizer
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            return BPETokenizer(HFTokenizer.from_str(text))
+        except PicoError:
+            raise
+        except Exception as e:
+            raise PicoError(f"{p} is not a valid HF tokenizers file ({type(e).__name__})") from None
+    kind = data.get("type")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "gpt2":
+        local = data.get("local_dir")
+        return gpt2_tokenizer(local if local and Path(local).is_dir() else None)
+    raise PicoError(f"{p}: unknown tokenizer type {kind!r}")

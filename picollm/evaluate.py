@@ -1,0 +1,42 @@
+"""`pico-llm eval`: the figures of a run on its own test split or on other files."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+from .checkpoint import load_run
+from .data.batches import Source, tokenize_split
+from .data.corpus import build_corpus
+from .metrics import continuation_accuracy, evaluate_sources
+
+
+def evaluate_run(run_dir: str, input_files: Optional[list[str]] = None, batch_size: int = 32,
+                 max_batches: int = 50, device: str = "cpu") -> dict:
+    model, tok, (mcfg, dcfg, _) = load_run(run_dir, device)
+    if input_files:
+        from .data.sources import read_text_files
+
+        docs = read_text_files(input_files, mode=dcfg.input_mode)
+        split = tokenize_split(docs, tok)
+        sources = [Source("files", 1.0, split, split, docs)]
+        numeric = all(_is_numeric(d) for d in docs)
+        numeric_docs = docs
+    else:  # the run's own split: deterministic from config.json, tokenized with the run's tokenizer
+        corpus = build_corpus(dcfg, tokenizer=tok)
+        sources, numeric, numeric_docs = corpus.sources, corpus.numeric, corpus.numeric_test_docs()
+    r = evaluate_sources(model, sources, mcfg.block_size, batch_size, max_batches, device)
+    out = {"run": run_dir, "model": mcfg.model, "test_loss": r["test_loss"], "perplexity": r["perplexity"],
+           "bits_per_byte": r["bits_per_byte"]}
+    if numeric:
+        out["continuation_accuracy"] = continuation_accuracy(model, tok, numeric_docs, device=device)
+    return out
+
+
+def _is_numeric(doc: str) -> bool:
+    try:
+        [int(x) for x in doc.split()]
+        return bool(doc.split())
+    except ValueError:
+        return False

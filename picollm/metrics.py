@@ -1,0 +1,85 @@
+"""Loss, perplexity, bits per byte and continuation accuracy. Loss is in nats per token."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from .config import SampleConfig
+from .data.batches import IGNORE_INDEX, TokenSplit, bits_per_byte, eval_windows
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the targets that are not IGNORE_INDEX (padding never counts)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def split_loss(model, split: TokenSplit, block_size: int, batch_size: int, max_batches: int, device="cpu",
+               autocast=nullcontext) -> tuple[float, int]:
+    """(mean loss in nats/token, tokens scored) over the deterministic evaluation windows of a split."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in eval_windows(split, block_size, batch_size, max_batches):
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits = model(x)
+        total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        count += y.numel()
+    if was_training:
+        model.train()
+    return (total / count if count else float("nan")), count
+
+
+def evaluate_sources(model, sources, block_size: int, batch_size: int, max_batches: int, device="cpu",
+                     autocast=nullcontext) -> dict:
+    """Test loss of every source, combined with the mixing weights (so the figure measures the same
+    mixture the model is trained on), perplexity and bits per byte."""
+    loss = bpb = 0.0
+    per_source = {}
+    for s in sources:
+        l_s, _ = split_loss(model, s.test, block_size, batch_size, max_batches, device, autocast)
+        per_source[s.name] = l_s
+        loss += s.weight * l_s
+        bpb += s.weight * bits_per_byte(l_s, s.test)
+    return {"test_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": bpb, "per_source": per_source}
+
+
+@torch.no_grad()
+def continuation_accuracy(model, tokenizer, sequences: list[str], n_prompt: int = 5, n_next: int = 10,
+                          max_sequences: int = 200, device="cpu") -> float:
+    """On held-out numeric sequences: given the first n_prompt numbers, greedy-generate and score the share
+    of the next n_next numbers that are exactly right (a missing number counts as wrong). Prompts of the
+    same token length are decoded together in one batch."""
+    from collections import defaultdict
+
+    from .sampling import generate
+
+    candidates = [s.split() for s in sequences if len(s.split()) >= n_prompt + n_next][:max_sequences]
+    if not candidates:
+        return float("nan")
+    groups = defaultdict(list)
+    for nums in candidates:
+        groups[tuple(tokenizer.encode(" ".join(nums[:n_prompt])))].append(nums)
+    by_len = defaultdict(list)
+    for ids, rows in groups.items():
+        by_len[len(ids)].extend((ids, nums) for nums in rows)
+    right = total = 0
+    for length, items in by_len.items():
+        idx = torch.tensor([ids for ids, _ in items], device=device)
+        # room for n_next numbers at twice the prompt's tokens per number
+        budget = 2 * n_next * math.ceil(length / n_prompt) + 8
+        cfg = SampleConfig(max_new_tokens=budget, greedy=True, stop_at_eot=True)
+        out = generate(model, idx, cfg, eot_id=tokenizer.eot_id)[:, length:].tolist()
+        for row, (_, nums) in zip(out, items):
+            if tokenizer.eot_id in row:
+                row = row[: row.index(tokenizer.eot_id)]
+            predicted = tokenizer.decode(row).split()[:n_next]
+            truth = nums[n_prompt: n_prompt + n_next]
+            right += sum(p == t for p, t in zip(predicted, truth))
+            total += len(truth)
+    return right / total

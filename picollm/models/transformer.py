@@ -1,0 +1,287 @@
+"""Decoder-only Transformer. One file, read top to bottom: positional encodings and RMSNorm as free
+functions / small modules, then attention, MLP, block, and the model with its KV cache.
+
+Every architectural choice is a ModelConfig field: pos_emb (none | learned | sinusoidal | rope),
+norm (rmsnorm | layernorm), norm_placement (pre | post), mlp (gelu | swiglu), bias, tie_weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+
+# ----------------------------------------------------------------------------- positions
+
+
+def sinusoidal_positions(n_pos: int, dim: int) -> torch.Tensor:
+    """The fixed table of "Attention Is All You Need": even dims sin, odd dims cos. (n_pos, dim)"""
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]  # (n_pos, 1)
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    angles = pos * inv_freq  # (n_pos, ceil(dim/2))
+    pe = torch.zeros(n_pos, dim)
+    pe[:, 0::2] = torch.sin(angles)
+    pe[:, 1::2] = torch.cos(angles[:, : dim // 2])
+    return pe
+
+
+def precompute_rope(head_size: int, n_pos: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles pos * theta^(-2i/hs), each (n_pos, hs/2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
+    angles = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv_freq)  # (n_pos, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, nh, T, hs) by position; cos/sin are (T, hs/2).
+
+    Dimension i is paired with i + hs/2 (the "rotate half" layout of GPT-NeoX and HF Llama, so q/k
+    weights export to HF without a permutation). Computed in float32, returned in x's dtype.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, nh, T, hs)
+    return out.type_as(x)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 and cast back to x's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def causal_mask(t: int, start: int, device=None) -> torch.Tensor:
+    """(t, start + t) bool, True where query start+i may attend to key j (j <= start + i)."""
+    return torch.ones(t, start + t, dtype=torch.bool, device=device).tril(diagonal=start)
+
+
+def explicit_attention(q, k, v, mask: torch.Tensor, dropout_p: float = 0.0):
+    """softmax(q k^T / sqrt(hs)) v with a boolean mask; returns (y, weights before dropout)."""
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, t, Tk)
+    att = att.masked_fill(~mask, float("-inf"))
+    att = F.softmax(att.float(), dim=-1).type_as(q)
+    y = F.dropout(att, p=dropout_p) @ v  # (B, nh, t, hs)
+    return y, att
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_embd, self.head_size = cfg.n_head, cfg.n_embd, cfg.head_size
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, kv=None, start: int = 0, return_attn: bool = False):
+        """x: (B, t, C) at positions start..start+t-1. rope: (cos, sin) for those positions.
+        kv: this layer's (k, v) cache buffers (B, nh, block_size, hs), written in place; without
+        one, start must be 0. Returns (y (B, t, C), attention weights (B, nh, t, start+t) or None)."""
+        B, t, C = x.size()
+        q, k, v = self.qkv(x).split(self.n_embd, dim=2)  # (B, t, C) each
+        q = q.view(B, t, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, t, hs)
+        k = k.view(B, t, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, t, hs)
+        v = v.view(B, t, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, t, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv is not None:
+            k_buf, v_buf = kv
+            k_buf[:, :, start:start + t] = k
+            v_buf[:, :, start:start + t] = v
+            k = k_buf[:, :, :start + t].to(q.dtype)  # (B, nh, start+t, hs)
+            v = v_buf[:, :, :start + t].to(q.dtype)  # (B, nh, start+t, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        att = None
+        if return_attn:
+            y, att = explicit_attention(q, k, v, causal_mask(t, start, x.device), dropout_p)
+        elif start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            # after a cached prefix: one new query sees every key; t > 1 queries need the offset mask
+            # (is_causal would align the triangle to the top-left corner, which is wrong here)
+            mask = None if t == 1 else causal_mask(t, start, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, t, C)  # (B, t, C)
+        return self.resid_drop(self.proj(y)), att
+
+
+# ----------------------------------------------------------------------------- MLP and block
+
+
+def swiglu_hidden(n_embd: int) -> int:
+    """8/3 * n_embd (same parameter count as a 4x GELU MLP) rounded up to a multiple of 16."""
+    return 16 * math.ceil(8 * n_embd / 3 / 16)
+
+
+class MLP(nn.Module):
+    """gelu: proj(gelu(fc(x))), hidden 4C. swiglu: proj(silu(gate(x)) * up(x)), hidden
+    swiglu_hidden(C); gate and up share one Linear (C -> 2H), gate first."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        hidden = swiglu_hidden(cfg.n_embd) if self.swiglu else 4 * cfg.n_embd
+        self.fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = self.fc(x)  # (B, T, H) or (B, T, 2H)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)  # (B, T, H) each
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.drop(self.proj(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm = cfg.norm_placement == "pre"
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope=None, kv=None, start: int = 0, return_attn: bool = False):
+        if self.pre_norm:
+            a, att = self.attn(self.ln_1(x), rope, kv, start, return_attn)
+            x = x + a
+            x = x + self.mlp(self.ln_2(x))
+        else:
+            a, att = self.attn(x, rope, kv, start, return_attn)
+            x = self.ln_1(x + a)
+            x = self.ln_2(x + self.mlp(x))
+        return x, att
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class KVCache:
+    """Generation state: keys/values of every layer, preallocated to block_size, filled in place."""
+
+    k: torch.Tensor  # (L, B, nh, block_size, hs)
+    v: torch.Tensor  # (L, B, nh, block_size, hs)
+    pos: int = 0  # tokens seen so far
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.max_context = cfg.block_size
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
+        if cfg.pos_emb == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_positions(cfg.block_size, cfg.n_embd), persistent=False)
+        if cfg.pos_emb == "rope":
+            cos, sin = precompute_rope(cfg.head_size, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        # post-norm blocks end in a norm already; pre-norm needs one before the head
+        self.ln_f = make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # no bias, as in GPT-2 / Llama
+        if cfg.tie_weights:
+            self.head.weight = self.wte.weight
+
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def get_input_embeddings(self) -> torch.Tensor:
+        return self.wte.weight  # (V, C)
+
+    def get_output_embeddings(self) -> torch.Tensor:
+        return self.head.weight  # (V, C); the same tensor as the input embeddings when tied
+
+    def forward(self, idx: torch.Tensor, return_attn: bool = False):
+        """idx (B, T) -> logits (B, T, V); with return_attn=True, (logits, [attn (B, nh, T, T)] * n_layer)
+        through the explicit softmax path instead of SDPA."""
+        T = idx.size(1)
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}; "
+                             f"feed at most the last {self.cfg.block_size} tokens")
+        logits, attn = self._run(idx, None, 0, return_attn)
+        return (logits, attn) if return_attn else logits
+
+    def new_state(self, batch_size: int, device) -> KVCache:
+        c = self.cfg
+        shape = (c.n_layer, batch_size, c.n_head, c.block_size, c.head_size)
+        dtype = self.wte.weight.dtype
+        return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def step(self, idx: torch.Tensor, state: KVCache):
+        """Feed idx (B, t), the tokens after the state.pos already cached; returns (logits (B, t, V),
+        state). The cache is updated in place (the returned state is the same object); inference only."""
+        t = idx.size(1)
+        if state.pos + t > self.cfg.block_size:
+            raise ValueError(f"KV cache full: {state.pos} cached + {t} new tokens > block_size "
+                             f"{self.cfg.block_size}; start a new state with the last tokens")
+        if idx.size(0) != state.k.size(1):
+            raise ValueError(f"batch size {idx.size(0)} does not match the state's {state.k.size(1)}")
+        logits, _ = self._run(idx, state, state.pos, False)
+        state.pos += t
+        return logits, state
+
+    def _run(self, idx, cache, start: int, return_attn: bool):
+        t = idx.size(1)
+        x = self.wte(idx)  # (B, t, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + t, device=idx.device))  # (t, C) broadcast
+        elif self.cfg.pos_emb == "sinusoidal":
+            x = x + self.pos_table[start:start + t].to(x.dtype)
+        x = self.drop(x)
+        rope = (self.rope_cos[start:start + t], self.rope_sin[start:start + t]) if self.cfg.pos_emb == "rope" else None
+        attn = []
+        for i, block in enumerate(self.blocks):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x, att = block(x, rope, kv, start, return_attn)
+            attn.append(att)
+        return self.head(self.ln_f(x)), attn  # (B, t, V)
+
+    def flops_per_token(self) -> int:
+        """Exact matmul FLOPs per trained token, 3x forward (backward = 2x forward): every Linear
+        (head included, embedding and position lookups excluded) plus the attention matmuls
+        q k^T and att v over the full block_size (not halved for the causal mask). This equals
+        nanoGPT's 6N + 12 L H Q T with N the Linear parameter count."""
+        c = self.cfg
+        linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attention = c.n_layer * 2 * (2 * c.block_size * c.n_embd)  # q k^T and att v, 2 FLOPs per MAC
+        return 3 * (2 * linear + attention)

@@ -1,0 +1,144 @@
+"""Sampling: greedy, temperature, top-k, top-p, and one generate() for every model.
+
+Top-p has Hugging Face TopPLogitsWarper semantics: keep the smallest set of most probable tokens whose
+probability sums to at least p (the token that crosses p is kept, at least one token always).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .config import SampleConfig
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """logits (..., V) -> logits with -inf outside the nucleus."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked strictly above
+    drop_sorted = mass_before >= p  # the crossing token has mass_before < p: kept; rank 0 always kept
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def next_token_distribution(logits: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
+    """logits (B, V) -> probabilities (B, V) after temperature, top-k and top-p."""
+    logits = logits.float()
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
+    if cfg.top_k is not None:
+        logits = top_k_filter(logits, cfg.top_k)
+    if cfg.top_p is not None:
+        logits = top_p_filter(logits, cfg.top_p)
+    return logits.softmax(dim=-1)
+
+
+def sample_next(logits: torch.Tensor, cfg: SampleConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits (B, V) -> next tokens (B,). Greedy (or temperature 0) is argmax."""
+    if cfg.greedy or cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = next_token_distribution(logits, cfg)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int] = None) -> torch.Tensor:
+    """idx (B, T) prompt ids -> (B, T + n) with n <= cfg.max_new_tokens new tokens.
+
+    The model carries state (KV cache, LSTM (h, c), k-gram history), so the prefix is fed once. When a
+    model has a bounded context (max_context) and the state is full, the window slides: the state is
+    rebuilt from the last max_context // 2 tokens, so generation may run past block_size.
+    With cfg.stop_at_eot, generation stops once every row has produced eot (later tokens are eot).
+    """
+    was_training = model.training
+    model.eval()
+    device = idx.device
+    gen = None
+    if cfg.seed is not None:
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    max_ctx = getattr(model, "max_context", None)
+    tokens = torch.empty(idx.size(0), idx.size(1) + cfg.max_new_tokens, dtype=torch.long, device=device)
+    tokens[:, : idx.size(1)] = idx
+    n = idx.size(1)
+    prefix = idx if max_ctx is None else idx[:, -max_ctx:]
+    state = model.new_state(idx.size(0), device)
+    logits, state = model.step(prefix, state)
+    held = prefix.size(1)  # tokens in the state
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=device)
+    for i in range(cfg.max_new_tokens):
+        nxt = sample_next(logits[:, -1, :], cfg, gen)
+        if cfg.stop_at_eot and eot_id is not None:
+            nxt = nxt.masked_fill(done, eot_id)
+            done |= nxt == eot_id
+        tokens[:, n] = nxt
+        n += 1
+        if i == cfg.max_new_tokens - 1 or (cfg.stop_at_eot and bool(done.all())):
+            break
+        if max_ctx is not None and held + 1 > max_ctx:
+            keep = max(1, max_ctx // 2)
+            state = model.new_state(idx.size(0), device)
+            logits, state = model.step(tokens[:, n - keep: n], state)
+            held = keep
+        else:
+            logits, state = model.step(nxt[:, None], state)
+            held += 1
+    if was_training:
+        model.train()
+    return tokens[:, :n]
+
+
+def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, num_samples: int = 1, device="cpu") -> list[str]:
+    """Prompt text -> num_samples completions (prompt included), decoded."""
+    ids = tokenizer.encode(prompt)
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    out = generate(model, idx, cfg, eot_id=tokenizer.eot_id)
+    texts = []
+    for row in out.tolist():
+        if cfg.stop_at_eot and tokenizer.eot_id in row[len(ids):]:
+            row = row[: len(ids) + row[len(ids):].index(tokenizer.eot_id)]
+        texts.append(tokenizer.decode(row))
+    return texts
+
+
+def parse_p_list(spec: str) -> list[Optional[float]]:
+    """'greedy,0.2,0.95,1.0' -> [None, 0.2, 0.95, 1.0] (None: greedy)."""
+    from .errors import PicoError
+
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        if item == "greedy":
+            out.append(None)
+            continue
+        try:
+            p = float(item)
+        except ValueError:
+            raise PicoError(f"--compare_p: {item!r} is neither 'greedy' nor a number") from None
+        if not 0.0 < p <= 1.0:
+            raise PicoError(f"--compare_p: top_p must be in (0, 1], got {p}")
+        out.append(p)
+    return out
+
+
+def sample_settings(spec: str, base: SampleConfig) -> list[tuple[str, SampleConfig]]:
+    """The (label, SampleConfig) rows of a --compare_p table."""
+    import dataclasses
+
+    rows = []
+    for p in parse_p_list(spec):
+        if p is None:
+            rows.append(("greedy", dataclasses.replace(base, greedy=True, top_p=None)))
+        else:
+            rows.append((f"top-p {p:g}", dataclasses.replace(base, greedy=False, top_p=p)))
+    return rows

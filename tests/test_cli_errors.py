@@ -1,0 +1,126 @@
+"""Bad input: one line on stderr, exit status 2, no traceback, and an existing run left untouched."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from picollm.cli import main
+
+
+def snapshot(d):
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            out[p] = (os.path.getmtime(p), hashlib.sha256(open(p, "rb").read()).hexdigest())
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["train", "--dataset", "numbers", "--numbers_count", "120", "--tokenizer", "byte", "--models", "lstm",
+                 "--embed_size", "16", "--block_size", "16", "--batch_size", "4", "--max_steps_per_epoch", "3",
+                 "--output_dir", str(root), "--run_name", "good", "--no_progress", "--prompt", "1 2"]) == 0
+    return root / "good"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("files")
+    (d / "empty.txt").write_text("")
+    (d / "blank.txt").write_text("\n\n  \n")
+    (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    (d / "ok.txt").write_text("hello world\nanother line\n")
+    return d
+
+
+def T(*args):  # a train command into the existing run's directory, so damage would show
+    return ["train", "--no_progress", "--run_name", "good", *args]
+
+
+CASES = {
+    "missing input file": T("--input_files", "{files}/nope.txt"),
+    "empty input file": T("--input_files", "{files}/empty.txt"),
+    "blank input file": T("--input_files", "{files}/blank.txt"),
+    "non-UTF-8 input file": T("--input_files", "{files}/latin1.txt"),
+    "missing input dir": T("--input_dir", "{files}/nodir"),
+    "unknown model": T("--dataset", "numbers", "--models", "gru"),
+    "unknown tokenizer": T("--dataset", "numbers", "--tokenizer", "wordpiece"),
+    "block_size < 2": T("--dataset", "numbers", "--block_size", "1"),
+    "tinystories_weight > 1": T("--dataset", "numbers", "--tinystories_weight", "1.5"),
+    "tinystories_weight < 0": T("--dataset", "numbers", "--tinystories_weight", "-0.1"),
+    "test_fraction = 1": T("--dataset", "numbers", "--test_fraction", "1.0"),
+    "test_fraction < 0": T("--dataset", "numbers", "--test_fraction", "-0.2"),
+    "batch_size < 1": T("--dataset", "numbers", "--batch_size", "0"),
+    "empty prompt (train)": T("--dataset", "numbers", "--prompt", ""),
+    "no data at all": T("--tinystories_weight", "0"),
+    "run exists": T("--dataset", "numbers"),
+    "heads do not divide embed": T("--dataset", "numbers", "--embed_size", "30", "--n_heads", "4"),
+    "non-numeric flag": T("--dataset", "numbers", "--batch_size", "many"),
+    "unknown flag": T("--dataset", "numbers", "--frobnicate"),
+    "top_p > 1": ["generate", "{run}", "--top_p", "1.5"],
+    "top_p = 0": ["generate", "{run}", "--top_p", "0"],
+    "temperature < 0": ["generate", "{run}", "--temperature", "-1"],
+    "empty prompt (generate)": ["generate", "{run}", "--prompt", ""],
+    "bad compare_p": ["generate", "{run}", "--compare_p", "greedy,abc"],
+    "not a run (generate)": ["generate", "{files}"],
+    "missing run (generate)": ["generate", "{files}/nope"],
+    "not a run (eval)": ["eval", "{files}"],
+    "not a run (resume)": ["train", "--resume", "{files}"],
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_exits_2_with_one_line(name, run, files, capsys):
+    before = snapshot(run)
+    argv = [a.format(run=run, files=files) for a in CASES[name]]
+    if argv[0] == "train" and "--resume" not in argv:
+        argv += ["--output_dir", str(run.parent)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert snapshot(run) == before
+
+
+def test_gpt2_offline_names_the_alternative(run, monkeypatch, capsys):
+    import tiktoken
+
+    monkeypatch.delenv("PICOLLM_GPT2_DIR", raising=False)
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    argv = T("--dataset", "numbers", "--tokenizer", "gpt2", "--run_name", "g", "--output_dir", str(run.parent))
+    try:
+        code = main(argv)
+    except ConnectionError:
+        pytest.fail("the network error escaped as a traceback")
+    err = capsys.readouterr().err
+    assert code == 2 and "--tokenizer bpe" in err and "TIKTOKEN_CACHE_DIR" in err and err.count("\n") == 1
+    assert not (run.parent / "g").exists()
+
+
+def test_tinystories_offline_names_the_local_file_option(run, monkeypatch, capsys):
+    import picollm.data.sources as sources
+
+    monkeypatch.setattr(sources, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("datasets.load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
+    code = main(T("--tinystories_weight", "0.5", "--input_files", str(run.parent.parent / "nothing.txt")))
+    assert code == 2
+    code = main(["train", "--no_progress", "--tinystories_weight", "1.0", "--output_dir", str(run.parent),
+                 "--run_name", "ts"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "--tinystories_path" in err[-1]
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "pico-llm")
+    r = subprocess.run([exe, "generate", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "picollm", "train", "--models", "gru"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown model" in r.stderr and r.stderr.count("\n") == 1

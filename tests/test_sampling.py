@@ -1,0 +1,92 @@
+import math
+
+import pytest
+import torch
+
+from picollm.config import ModelConfig, SampleConfig
+from picollm.errors import PicoError
+from picollm.models import build_model
+from picollm.sampling import generate, next_token_distribution, parse_p_list, top_p_filter
+
+PROBS = torch.tensor([0.5, 0.25, 0.15, 0.1])
+LOGITS = PROBS.log()[None]
+
+
+def dist(p):
+    return next_token_distribution(LOGITS, SampleConfig(top_p=p))[0]
+
+
+def test_tiny_p_is_argmax():
+    torch.testing.assert_close(dist(1e-6), torch.tensor([1.0, 0, 0, 0]))
+
+
+def test_p_one_is_the_full_distribution():
+    torch.testing.assert_close(dist(1.0), PROBS)
+
+
+def test_the_crossing_token_is_kept():
+    # 0.5 < 0.6: the second token crosses p and is kept; the rest are dropped
+    torch.testing.assert_close(dist(0.6), torch.tensor([0.5, 0.25, 0, 0]) / 0.75)
+    # exactly reaching p with the first two: nothing more is needed
+    torch.testing.assert_close(dist(0.75), torch.tensor([0.5, 0.25, 0, 0]) / 0.75)
+    torch.testing.assert_close(dist(0.76), torch.tensor([0.5, 0.25, 0.15, 0]) / 0.9)
+
+
+def test_top_p_keeps_order_per_row_and_at_least_one():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
+    out = top_p_filter(logits, 0.01)
+    assert torch.isfinite(out).sum(-1).tolist() == [1, 1]
+    assert out.argmax(-1).tolist() == [1, 0]
+
+
+def test_sampling_frequencies_follow_the_nucleus():
+    cfg = SampleConfig(top_p=0.6)
+    g = torch.Generator().manual_seed(0)
+    probs = next_token_distribution(LOGITS.expand(20000, 4), cfg)
+    draws = torch.multinomial(probs, 1, generator=g).flatten()
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    assert freq[2] == 0 and freq[3] == 0
+    assert math.isclose(freq[0].item(), 2 / 3, abs_tol=0.02)
+
+
+def test_parse_p_list():
+    assert parse_p_list("greedy,0.2,1.0") == [None, 0.2, 1.0]
+    with pytest.raises(PicoError):
+        parse_p_list("0.5,1.5")
+
+
+@pytest.mark.parametrize("family", ["lstm", "kgram", "transformer"])
+def test_generate_is_seeded_and_runs_past_the_context(family):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model=family, vocab_size=30, block_size=8, n_embd=16, n_layer=1, n_head=2))
+    prompt = torch.tensor([[1, 2, 3]])
+    cfg = SampleConfig(max_new_tokens=20, top_p=0.9, seed=7)
+    a, b = generate(model, prompt, cfg), generate(model, prompt, cfg)
+    assert a.shape == (1, 23) and torch.equal(a, b) and torch.equal(a[:, :3], prompt)
+
+
+def test_greedy_generation_matches_full_recompute():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model="transformer", vocab_size=30, block_size=8, n_embd=16, n_layer=1, n_head=2))
+    model.eval()
+    out = generate(model, torch.tensor([[1, 2, 3]]), SampleConfig(max_new_tokens=5, greedy=True))
+    seq = [1, 2, 3]
+    for _ in range(5):  # within block_size: identical to argmax of a full forward
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert out[0].tolist() == seq
+
+
+def test_stop_at_eot():
+    class Eot(torch.nn.Module):  # a model that always predicts token 0
+        max_context = None
+
+        def new_state(self, b, device):
+            return None
+
+        def step(self, idx, state):
+            logits = torch.full((idx.size(0), idx.size(1), 5), -10.0)
+            logits[..., 0] = 10.0
+            return logits, state
+
+    out = generate(Eot(), torch.tensor([[3, 4]]), SampleConfig(max_new_tokens=10, greedy=True, stop_at_eot=True), eot_id=0)
+    assert out[0].tolist() == [3, 4, 0]
