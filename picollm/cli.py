@@ -38,7 +38,10 @@ TRAIN_DEFAULTS = dict(models="transformer", tokenizer="bpe", tinystories_weight=
                       device_id="cpu", epochs=1, learning_rate=3e-3, batch_size=32, kgram_chunk_size=0)
 CLASSIC_DEFAULTS = dict(models="lstm", tokenizer="gpt2", tinystories_weight=0.5, block_size=1024, embed_size=1024,
                         device_id="cuda:0", epochs=3, learning_rate=1e-3, batch_size=16, kgram_chunk_size=0)
-NUMBERS_DEFAULTS = dict(max_steps_per_epoch=400)  # `--dataset numbers`: a short, fair CPU budget per family
+# `--dataset numbers` without --epochs: eight passes over the 20000-sequence corpus (~290k tokens), about
+# 1150 steps of batch 32 x 64 tokens; every family gets the same budget (a Transformer about two minutes
+# on 2 CPU cores).
+NUMBERS_DEFAULTS = dict(epochs=8)
 
 
 def add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
@@ -51,7 +54,7 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--input_dir", default=None, help="a directory of *.txt files (recursive)")
     g.add_argument("--input_mode", choices=["lines", "documents"], default="lines")
     g.add_argument("--limit_custom_examples", type=int, default=None)
-    g.add_argument("--numbers_count", type=int, default=3333)
+    g.add_argument("--numbers_count", type=int, default=20000, help="sequences in the built-in numeric corpus")
     g.add_argument("--tinystories_weight", type=float, default=d["tinystories_weight"],
                    help="probability that an example comes from TinyStories (0 skips loading it)")
     g.add_argument("--tinystories_path", default=None, help="local TinyStories .txt / .parquet / .jsonl")
@@ -86,7 +89,7 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="k-gram positions per chunk, a memory knob (0: all at once)")
 
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=d["epochs"])
+    g.add_argument("--epochs", type=int, default=None, help=f"default {d['epochs']} (8 with --dataset numbers)")
     g.add_argument("--max_steps_per_epoch", type=int, default=None)
     g.add_argument("--batch_size", type=int, default=d["batch_size"])
     g.add_argument("--learning_rate", type=float, default=d["learning_rate"])
@@ -125,8 +128,8 @@ def parse_models(spec: str) -> list[str]:
 def configs_from_args(a: argparse.Namespace):
     """(model names, {model: ModelConfig}, DataConfig, TrainConfig) from parsed train flags (validated)."""
     names = parse_models(a.models)
-    if a.dataset == "numbers" and a.max_steps_per_epoch is None:
-        a.max_steps_per_epoch = NUMBERS_DEFAULTS["max_steps_per_epoch"]
+    if a.epochs is None:
+        a.epochs = NUMBERS_DEFAULTS["epochs"] if a.dataset == "numbers" else a.default_epochs
     data = DataConfig(dataset=a.dataset, input_files=list(a.input_files or []), input_dir=a.input_dir,
                       input_mode=a.input_mode, limit_custom_examples=a.limit_custom_examples,
                       numbers_count=a.numbers_count, tinystories_weight=a.tinystories_weight,
@@ -232,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one or several models")
     add_train_arguments(t, TRAIN_DEFAULTS)
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=cmd_train, default_epochs=TRAIN_DEFAULTS["epochs"])
 
     g = sub.add_parser("generate", help="sample from a trained run")
     g.add_argument("run")
@@ -292,6 +295,7 @@ def classic_main(argv: Optional[list[str]] = None) -> int:
         p = _Parser(prog="pico-llm.py", description="Train k-gram / LSTM / Transformer models (classic flags).")
         add_train_arguments(p, CLASSIC_DEFAULTS)
         p.add_argument("--monosemantic_enabled", action="store_true", default=False)
+        p.set_defaults(default_epochs=CLASSIC_DEFAULTS["epochs"])
         args = p.parse_args(argv)
         if args.run_name is None:
             args.run_name = time.strftime("classic-%Y%m%d-%H%M%S")

@@ -49,7 +49,7 @@ class DataConfig(_JSON):
     input_dir: Optional[str] = None
     input_mode: str = "lines"  # lines: one example per non-empty line; documents: one per file
     limit_custom_examples: Optional[int] = None
-    numbers_count: int = 3333
+    numbers_count: int = 20000
     tinystories_weight: float = 0.0
     tinystories_path: Optional[str] = None
     tinystories_subset: int = 20000

@@ -159,7 +159,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     optimizer = make_optimizer(model, train_cfg, device)
     batcher = Batcher(corpus.sources, model_cfg.block_size, train_cfg.batch_size, data_cfg.batching,
                       seed=train_cfg.seed, pad_id=tok.eot_id)
-    steps_per_epoch = train_cfg.max_steps_per_epoch or batcher.steps_per_epoch()
+    steps_per_epoch = min(batcher.steps_per_epoch(), train_cfg.max_steps_per_epoch or batcher.steps_per_epoch())
     total_steps = train_cfg.epochs * steps_per_epoch
 
     step, elapsed, tokens_seen = 0, 0.0, 0
