@@ -5,12 +5,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-all clean
+.PHONY: venv demo test test-all clean chromium
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,hf]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -23,10 +23,19 @@ demo: venv
 	@echo
 	@echo "run directory: runs/demo   (loss plot: runs/demo/loss.png, samples: runs/demo/samples.md)"
 
-test: venv
+# Headless Chromium for the HTML report's browser test (Debian's package): installed once, skipped when
+# present; where it cannot be installed, that test is skipped with the reason.
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  echo "installing chromium (for the report test)"; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	} || echo "note: chromium could not be installed; the report's browser test will be skipped"
+
+test: venv chromium
 	$(PY) -m pytest -q
 
-test-all: venv
+test-all: venv chromium
 	$(PY) -m pytest -q -m ''
 
 clean:

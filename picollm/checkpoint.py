@@ -9,14 +9,21 @@
     RUN/loss.png, RUN/samples.md
 
 Every file is written atomically (temporary file, fsync, rename), so a crash never leaves a half
-written file in place of a good one.
+written file in place of a good one. A checkpoint is two files that must agree (model.safetensors and
+trainer.pt, both carrying the step), so it is written as a unit: both files go into
+RUN/.checkpoint-STEP.tmp/, which is renamed to RUN/.checkpoint-STEP/ once complete (the commit point),
+and only then are the files moved to the top level. Until the commit the previous checkpoint is the
+current one; after it the new one is, and readers find each file in the pending directory until it
+has been moved (`checkpoint_file`). The next save finishes an interrupted move.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,6 +34,24 @@ from .errors import PicoError
 
 CONFIG, TOKENIZER, WEIGHTS, TRAINER = "config.json", "tokenizer.json", "model.safetensors", "trainer.pt"
 METRICS, SUMMARY, SAMPLES, LOSS_PLOT = "metrics.jsonl", "summary.json", "samples.md", "loss.png"
+PENDING = ".checkpoint-"  # RUN/.checkpoint-STEP.tmp/ while written, RUN/.checkpoint-STEP/ once complete
+# Test hook: at the first save that replaces an earlier checkpoint, touch this path and pause (for up to
+# PAUSE_S seconds) with the new checkpoint half written, so a test can kill the process there.
+PAUSE_ENV, PAUSE_S = "PICOLLM_TEST_PAUSE_IN_CHECKPOINT", 120.0
+
+
+def _fsync_dir(d: str) -> None:
+    """Makes renames in d durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -42,6 +67,7 @@ def atomic_path(path: str):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run directory is meant to be shared
         os.replace(tmp, path)
+        _fsync_dir(d)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -69,7 +95,32 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_run(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isfile(os.path.join(path, WEIGHTS))
+    return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isfile(checkpoint_file(path, WEIGHTS))
+
+
+def _pending(run_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints not yet moved into place: [(step, RUN/.checkpoint-STEP)], oldest first."""
+    try:
+        names = os.listdir(run_dir)
+    except OSError:
+        return []
+    out = []
+    for n in names:
+        step = n[len(PENDING):]
+        if n.startswith(PENDING) and step.isdigit() and os.path.isdir(os.path.join(run_dir, n)):
+            out.append((int(step), os.path.join(run_dir, n)))
+    return sorted(out)
+
+
+def checkpoint_file(run_dir: str, name: str) -> str:
+    """The path of the current checkpoint's `name` (WEIGHTS or TRAINER): in a complete pending
+    checkpoint while it is still there, else at the top level."""
+    pending = _pending(run_dir)
+    if pending:
+        p = os.path.join(pending[-1][1], name)
+        if os.path.isfile(p):
+            return p
+    return os.path.join(run_dir, name)
 
 
 def save_config(run_dir: str, model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
@@ -90,11 +141,18 @@ def load_config(run_dir: str) -> tuple[ModelConfig, DataConfig, TrainConfig]:
         raise PicoError(f"{path}: corrupt config ({type(e).__name__})") from None
 
 
-def save_weights(run_dir: str, model: torch.nn.Module, step: int) -> None:
+def _save_weights_file(model: torch.nn.Module, path: str, step: int) -> None:
     from safetensors.torch import save_model
 
+    save_model(unwrap(model), path, metadata={"step": str(step)})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_weights(run_dir: str, model: torch.nn.Module, step: int) -> None:
+    """model.safetensors alone (a checkpoint is save_checkpoint: weights and trainer state together)."""
     with atomic_path(os.path.join(run_dir, WEIGHTS)) as tmp:
-        save_model(unwrap(model), tmp, metadata={"step": str(step)})
+        _save_weights_file(model, tmp, step)
 
 
 def load_weights(run_dir: str, model: torch.nn.Module) -> int:
@@ -102,7 +160,7 @@ def load_weights(run_dir: str, model: torch.nn.Module) -> int:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
 
-    path = os.path.join(run_dir, WEIGHTS)
+    path = checkpoint_file(run_dir, WEIGHTS)
     if not os.path.isfile(path):
         raise PicoError(f"{run_dir} is not a run directory (no {WEIGHTS})")
     try:
@@ -111,33 +169,80 @@ def load_weights(run_dir: str, model: torch.nn.Module) -> int:
         missing, unexpected = load_model(unwrap(model), path, strict=False)
     except (SafetensorError, OSError, ValueError) as e:
         raise PicoError(f"{path}: cannot read weights ({str(e).splitlines()[0][:120]})") from None
-    except RuntimeError as e:  # shape mismatch
-        raise PicoError(f"{path}: weights do not match config.json ({str(e).splitlines()[0][:120]})") from None
+    except RuntimeError as e:  # shape mismatch: name the first tensor that differs
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln] or str(e).splitlines()[:1]
+        raise PicoError(f"{path}: weights do not match config.json ({lines[0][:160]})") from None
     if missing or unexpected:
         raise PicoError(f"{path}: weights do not match config.json (missing {len(missing)}, unexpected {len(unexpected)})")
     return step
 
 
-def save_trainer_state(run_dir: str, state: dict) -> None:
-    with atomic_path(os.path.join(run_dir, TRAINER)) as tmp:
-        torch.save(state, tmp)
+TRAINER_KEYS = ("step", "elapsed", "tokens_seen", "optimizer", "batcher", "torch_rng")
 
 
 def load_trainer_state(run_dir: str) -> dict:
-    path = os.path.join(run_dir, TRAINER)
+    path = checkpoint_file(run_dir, TRAINER)
     if not os.path.isfile(path):
         raise PicoError(f"{run_dir}: no {TRAINER} to resume from")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing problem
         raise PicoError(f"{path}: cannot read trainer state ({type(e).__name__})") from None
+    missing = [k for k in TRAINER_KEYS if k not in state] if isinstance(state, dict) else ["all"]
+    if missing:
+        raise PicoError(f"{path}: not a pico-llm trainer state (missing {', '.join(missing)})")
+    return state
+
+
+def commit_pending(run_dir: str) -> None:
+    """Finishes moving complete pending checkpoints into place (oldest first, so the newest wins) and
+    removes half-written ones."""
+    for n in os.listdir(run_dir):
+        if n.startswith(PENDING) and n.endswith(".tmp"):
+            shutil.rmtree(os.path.join(run_dir, n), ignore_errors=True)
+    for _, d in _pending(run_dir):
+        for name in (TRAINER, WEIGHTS):
+            if os.path.isfile(os.path.join(d, name)):
+                os.replace(os.path.join(d, name), os.path.join(run_dir, name))
+        _fsync_dir(run_dir)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _test_pause(run_dir: str) -> None:
+    flag = os.environ.get(PAUSE_ENV)
+    if flag and os.path.isfile(os.path.join(run_dir, WEIGHTS)):
+        with open(flag, "w"):
+            pass
+        deadline = time.monotonic() + PAUSE_S
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def save_checkpoint(run_dir: str, model: torch.nn.Module, trainer_state: dict) -> None:
-    """Weights and trainer state for one step; each file replaced atomically, weights last, both carry
-    the step so a resume can tell a matching pair."""
-    save_trainer_state(run_dir, trainer_state)
-    save_weights(run_dir, model, trainer_state["step"])
+    """Weights and trainer state for one step, written as a unit (see the module docstring): a crash at
+    any point leaves either the previous checkpoint or the new one, complete and matching."""
+    from safetensors import SafetensorError
+
+    step = trainer_state["step"]
+    tmp, done = os.path.join(run_dir, f"{PENDING}{step}.tmp"), os.path.join(run_dir, f"{PENDING}{step}")
+    try:
+        commit_pending(run_dir)
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, TRAINER), "wb") as f:
+            torch.save(trainer_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _test_pause(run_dir)
+        _save_weights_file(model, os.path.join(tmp, WEIGHTS), step)
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, a lost mount: the previous one stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else "")
+        raise PicoError(f"{run_dir}: cannot write the step-{step} checkpoint ({type(e).__name__}: {why[:100]}); "
+                        "the previous checkpoint is kept") from None
+    os.rename(tmp, done)  # the commit point
+    _fsync_dir(run_dir)
+    commit_pending(run_dir)
 
 
 def load_run(run_dir: str, device: str = "cpu"):
@@ -161,12 +266,26 @@ def append_metrics(run_dir: str, records: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
+def write_metrics(run_dir: str, records: list[dict]) -> None:
+    """Replaces metrics.jsonl (atomically) with these records."""
+    write_text(os.path.join(run_dir, METRICS), "".join(json.dumps(r) + "\n" for r in records))
+
+
 def read_metrics(run_dir: str) -> list[dict]:
+    """The records of metrics.jsonl; a cut-off last line (a crash mid-append) is left out."""
     path = os.path.join(run_dir, METRICS)
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise PicoError(f"{path}: line {i + 1} is not JSON") from None
+    return out
 
 
 def read_summary(run_dir: str) -> dict:

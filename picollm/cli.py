@@ -7,6 +7,7 @@ line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -91,7 +92,11 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None, help=f"default {d['epochs']} (8 with --dataset numbers)")
     g.add_argument("--max_steps_per_epoch", type=int, default=None)
-    g.add_argument("--batch_size", type=int, default=d["batch_size"])
+    g.add_argument("--batch_size", type=int, default=d["batch_size"],
+                   help="the global batch (rows per optimizer step), split over processes and --grad_accum_steps")
+    g.add_argument("--grad_accum_steps", type=int, default=None,
+                   help="micro-batches per step in each process, batch_size / (processes x this) rows each "
+                        "(default 1; with --resume, changes the run's)")
     g.add_argument("--learning_rate", type=float, default=d["learning_rate"])
     g.add_argument("--weight_decay", type=float, default=0.1)
     g.add_argument("--warmup_steps", type=int, default=20)
@@ -111,6 +116,8 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     g.add_argument("--stop_at_step", type=int, default=None, help="stop (with a checkpoint) after this step")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files in the run directory (pip install -e .[tensorboard])")
 
 
 def parse_models(spec: str) -> list[str]:
@@ -137,10 +144,12 @@ def configs_from_args(a: argparse.Namespace):
                       test_fraction=a.test_fraction, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
                       batching=a.batching, seed=a.seed)
     train = TrainConfig(epochs=a.epochs, max_steps_per_epoch=a.max_steps_per_epoch, batch_size=a.batch_size,
+                        grad_accum_steps=1 if a.grad_accum_steps is None else a.grad_accum_steps,
                         learning_rate=a.learning_rate, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
                         lr_schedule=a.lr_schedule, grad_clip=a.grad_clip, eval_interval=a.eval_interval,
                         eval_batches=a.eval_batches, log_interval=max(1, a.log_interval), device=a.device_id,
-                        precision=a.precision, seed=a.seed, prompt=a.prompt, max_new_tokens=a.max_new_tokens)
+                        precision=a.precision, seed=a.seed, prompt=a.prompt, max_new_tokens=a.max_new_tokens,
+                        tensorboard=a.tensorboard)
     pos_emb = a.pos_emb
     if a.use_position_emb is False:
         pos_emb = "none"
@@ -156,19 +165,28 @@ def configs_from_args(a: argparse.Namespace):
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    """Also the entry point of every process under `torchrun -m picollm train` (see train.setup_distributed)."""
     from . import checkpoint as ckpt
-    from .train import train, train_models
+    from .train import broadcast_object, join_processes, teardown_distributed, train, train_models
 
-    if a.resume:
-        mcfg, dcfg, tcfg = ckpt.load_config(a.resume)
-        summary = train(mcfg, dcfg, tcfg, a.resume, resume=True, stop_at_step=a.stop_at_step,
-                        progress=not a.no_progress)
+    try:
+        if a.resume:
+            mcfg, dcfg, tcfg = ckpt.load_config(a.resume)
+            if a.grad_accum_steps is not None:  # e.g. resuming on fewer GPUs: same global batch, split otherwise
+                tcfg = dataclasses.replace(tcfg, grad_accum_steps=a.grad_accum_steps)
+            if a.tensorboard:
+                tcfg = dataclasses.replace(tcfg, tensorboard=True)
+            train(mcfg, dcfg, tcfg, a.resume, resume=True, stop_at_step=a.stop_at_step, progress=not a.no_progress)
+            return 0
+        names, models, data, train_cfg = configs_from_args(a)
+        name = a.run_name or time.strftime("%Y%m%d-%H%M%S-") + "-".join(names)
+        if not a.run_name:  # under torchrun every rank takes rank 0's timestamp
+            name = broadcast_object(name, join_processes(train_cfg))
+        train_models(names, models, data, train_cfg, a.output_dir, name, overwrite=a.overwrite,
+                     stop_at_step=a.stop_at_step, progress=not a.no_progress)
         return 0
-    names, models, data, train_cfg = configs_from_args(a)
-    name = a.run_name or time.strftime("%Y%m%d-%H%M%S-") + "-".join(names)
-    train_models(names, models, data, train_cfg, a.output_dir, name, overwrite=a.overwrite,
-                 stop_at_step=a.stop_at_step, progress=not a.no_progress)
-    return 0
+    finally:
+        teardown_distributed()
 
 
 def _load(run: str, device: str = "cpu"):
@@ -206,12 +224,35 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
 
+    if a.batch_size < 1 or a.eval_batches < 1:
+        raise PicoError("--batch_size and --eval_batches must be >= 1")
+    if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+        raise PicoError(f"--json {a.json}: its directory does not exist")
     result = evaluate_run(a.run, input_files=a.input_files, batch_size=a.batch_size, max_batches=a.eval_batches)
     for k, v in result.items():
         print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+        with open(a.json, "w") as f:  # nan (no sequence long enough to score) is written as null
+            json.dump({k: None if isinstance(v, float) and v != v else v for k, v in result.items()}, f, indent=2)
+    return 0
+
+
+def cmd_attention(a: argparse.Namespace) -> int:
+    from .analysis.attention import attention_report
+
+    r = attention_report(a.run, prompt=a.prompt, layer=a.layer, heads=a.heads, out=a.out, json_path=a.json,
+                         all_layers=a.all, seed=a.seed)
+    print("tokens: " + " ".join(r["tokens"]))
+    print(r["table"])
+    print(f"wrote {a.out}" + (f" and {a.json}" if a.json else ""))
+    return 0
+
+
+def cmd_neighbors(a: argparse.Namespace) -> int:
+    from .analysis.neighbors import neighbors_report
+
+    print(neighbors_report(a.run, tokens=a.tokens, k=a.k, n_clusters=a.clusters, text=a.text, seed=a.seed,
+                           top=a.top))
     return 0
 
 
@@ -226,6 +267,51 @@ def cmd_data(a: argparse.Namespace) -> int:
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {len(lines)} sequences to {a.out}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_hf
+
+    cls = export_hf(a.run, a.out, overwrite=a.overwrite)
+    for name in sorted(os.listdir(a.out)):
+        print(f"  {os.path.join(a.out, name)}  ({os.path.getsize(os.path.join(a.out, name)):,} bytes)")
+    print(f"exported {a.run} as {cls}: transformers.AutoModelForCausalLM.from_pretrained({a.out!r})")
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import format_report, run_bench
+    from .train import resolve_device
+
+    res = run_bench(quick=a.quick, device=resolve_device(a.device_id), precision=a.precision, compile=a.compile,
+                    log=lambda m: print(m, file=sys.stderr))
+    print(format_report(res))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from .experiments.sweep import run_sweep
+
+    run_sweep(a.spec, a.output_dir, tuple(a.set), tensorboard=a.tensorboard, overwrite=a.overwrite,
+              progress=not a.no_progress, dry_run=a.dry_run)
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .experiments.compare import compare_runs
+
+    compare_runs(a.runs, out=a.out, patience=a.patience)
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .experiments.report import write_report
+
+    print(f"wrote {write_report(a.path, out=a.out, max_new_tokens=a.max_new_tokens, seed=a.seed)}")
     return 0
 
 
@@ -253,11 +339,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="test loss, perplexity, bits per byte, continuation accuracy")
     e.add_argument("run")
-    e.add_argument("--input_files", nargs="*", default=None, help="evaluate on these files instead of the test split")
+    e.add_argument("--input_files", nargs="+", default=None, help="evaluate on these files instead of the test split")
     e.add_argument("--batch_size", type=int, default=32)
     e.add_argument("--eval_batches", type=int, default=50)
     e.add_argument("--json", default=None)
     e.set_defaults(func=cmd_eval)
+
+    at = sub.add_parser("attention", help="attention heat-maps of a layer's heads on a prompt; per-head scores")
+    at.add_argument("run")
+    at.add_argument("--prompt", default=None, help="default: the run's training prompt")
+    at.add_argument("--layer", type=int, default=0)
+    at.add_argument("--heads", default="all", help="all | 0-3 | 0,2,5")
+    at.add_argument("--all", action="store_true", help="every layer and head: a layer x head grid")
+    at.add_argument("--out", default="attention.png", help="the figure: .png, .pdf or .svg")
+    at.add_argument("--json", default=None, help="also write tokens, weights and scores as JSON")
+    at.add_argument("--seed", type=int, default=0, help="seed of the random sequences scored for induction")
+    at.set_defaults(func=cmd_attention)
+
+    nb = sub.add_parser("neighbors", help="nearest tokens in embedding space; k-means clusters")
+    nb.add_argument("run")
+    nb.add_argument("--tokens", default=None, help="comma-separated token texts, e.g. Lily,dog,7")
+    nb.add_argument("--k", type=int, default=8, help="neighbours per token")
+    nb.add_argument("--clusters", type=int, default=None, metavar="K", help="k-means with K clusters")
+    nb.add_argument("--text", default=None, help="with --clusters: cluster this text's hidden states, not embeddings")
+    nb.add_argument("--top", type=int, default=10, help="tokens listed per cluster")
+    nb.add_argument("--seed", type=int, default=0)
+    nb.set_defaults(func=cmd_neighbors)
 
     d = sub.add_parser("data", help="write a built-in corpus")
     d.add_argument("corpus", choices=["numbers"])
@@ -265,6 +372,46 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--count", type=int, default=3333)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_data)
+
+    x = sub.add_parser("export", help="write a Transformer run as a Hugging Face transformers model")
+    x.add_argument("run")
+    x.add_argument("--format", choices=["hf"], default="hf", help="hf: LlamaForCausalLM or GPT2LMHeadModel")
+    x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    x.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="speed: training tokens/s and MFU, generation, k-gram, tokenizer")
+    b.add_argument("--quick", action="store_true", help="fewer repeats and smaller inputs (a minute or two)")
+    b.add_argument("--json", default=None, help="also write the results here")
+    b.add_argument("--device_id", default="cpu")
+    b.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (ours; the reference is fp32)")
+    b.add_argument("--compile", action="store_true", help="torch.compile the Transformer")
+    b.set_defaults(func=cmd_bench)
+
+    sw = sub.add_parser("sweep", help="train one run per point of a grid / list over train flags (TOML spec)")
+    sw.add_argument("spec", help="a sweep spec, e.g. sweeps/pos_emb.toml")
+    sw.add_argument("--output_dir", default="runs", help="the sweep goes to OUTPUT_DIR/<spec name>/")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a [base] flag, e.g. --set max_steps_per_epoch=500 (repeatable)")
+    sw.add_argument("--tensorboard", action="store_true", help="TensorBoard event files in every run")
+    sw.add_argument("--overwrite", action="store_true", help="retrain every point, finished or not")
+    sw.add_argument("--dry_run", action="store_true", help="validate, list the points and their state; train nothing")
+    sw.add_argument("--no_progress", action="store_true", help="no progress bars")
+    sw.set_defaults(func=cmd_sweep)
+
+    cp = sub.add_parser("compare", help="overlaid loss curves and a table of runs; early-stopping and overfitting")
+    cp.add_argument("runs", nargs="+", metavar="RUN", help="run directories (a sweep directory: all its runs)")
+    cp.add_argument("--out", default=None, help="directory for compare.md and compare.png (default: the runs' parent)")
+    cp.add_argument("--patience", type=int, default=3,
+                    help="consecutive rising test-loss evaluations (with falling train loss) that flag overfitting")
+    cp.set_defaults(func=cmd_compare)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page for a run or a sweep")
+    rp.add_argument("path", metavar="RUN_OR_SWEEP")
+    rp.add_argument("--out", default=None, help="the HTML file (default: RUN_OR_SWEEP/report.html)")
+    rp.add_argument("--max_new_tokens", type=int, default=40, help="length of the samples")
+    rp.add_argument("--seed", type=int, default=0, help="sampling seed")
+    rp.set_defaults(func=cmd_report)
     return p
 
 
@@ -273,7 +420,8 @@ def run_cli(fn: Callable[[], int]) -> int:
     try:
         return fn()
     except PicoError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"  # under torchrun
+        print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -299,6 +447,14 @@ def classic_main(argv: Optional[list[str]] = None) -> int:
         args = p.parse_args(argv)
         if args.run_name is None:
             args.run_name = time.strftime("classic-%Y%m%d-%H%M%S")
-        return cmd_train(args)
+        rc = cmd_train(args)
+        if args.monosemantic_enabled:  # the starter's stub: each generated token with its embedding neighbours
+            from .analysis.neighbors import monosemantic_report
+
+            root = args.resume or os.path.join(args.output_dir, args.run_name)
+            names = [] if args.resume else parse_models(args.models)
+            for run in [root] if len(names) <= 1 else [os.path.join(root, m) for m in names]:
+                print(monosemantic_report(run))
+        return rc
 
     return run_cli(go)

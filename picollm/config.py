@@ -146,7 +146,8 @@ def resolve_model_config(preset: Optional[str] = None, **flags) -> ModelConfig:
 class TrainConfig(_JSON):
     epochs: int = 1
     max_steps_per_epoch: Optional[int] = None
-    batch_size: int = 16
+    batch_size: int = 16  # the global batch: rows per optimizer step, whatever the number of processes
+    grad_accum_steps: int = 1  # micro-batches per step and process: batch_size / (world_size * grad_accum_steps) rows
     learning_rate: float = 3e-3
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -163,10 +164,14 @@ class TrainConfig(_JSON):
     seed: int = 1337
     prompt: str = "Once upon a"
     max_new_tokens: int = 20
+    tensorboard: bool = False  # also write TensorBoard event files beside metrics.jsonl
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum_steps >= 1, f"--grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        _check(self.batch_size % self.grad_accum_steps == 0,
+               f"--batch_size ({self.batch_size}) must be divisible by --grad_accum_steps ({self.grad_accum_steps})")
         _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "--max_steps_per_epoch must be >= 1")
         _check(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
         _check(self.warmup_steps >= 0, "--warmup_steps must be >= 0")

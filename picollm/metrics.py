@@ -19,30 +19,40 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def split_loss(model, split: TokenSplit, block_size: int, batch_size: int, max_batches: int, device="cpu",
-               autocast=nullcontext) -> tuple[float, int]:
-    """(mean loss in nats/token, tokens scored) over the deterministic evaluation windows of a split."""
+               autocast=nullcontext, rank: int = 0, world_size: int = 1) -> tuple[float, int]:
+    """(mean loss in nats/token, tokens scored) over the deterministic evaluation windows of a split.
+    Under DDP (world_size > 1, every rank calling) each rank scores every world_size-th batch and the
+    sums are all-reduced: the same figure as one process, up to float summation order."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in eval_windows(split, block_size, batch_size, max_batches):
+    for i, (x, y) in enumerate(eval_windows(split, block_size, batch_size, max_batches)):
+        if i % world_size != rank:
+            continue
         x, y = x.to(device), y.to(device)
         with autocast():
             logits = model(x)
         total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
         count += y.numel()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        t = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, count = t[0].item(), int(t[1].item())
     if was_training:
         model.train()
     return (total / count if count else float("nan")), count
 
 
 def evaluate_sources(model, sources, block_size: int, batch_size: int, max_batches: int, device="cpu",
-                     autocast=nullcontext) -> dict:
+                     autocast=nullcontext, rank: int = 0, world_size: int = 1) -> dict:
     """Test loss of every source, combined with the mixing weights (so the figure measures the same
     mixture the model is trained on), perplexity and bits per byte."""
     loss = bpb = 0.0
     per_source = {}
     for s in sources:
-        l_s, _ = split_loss(model, s.test, block_size, batch_size, max_batches, device, autocast)
+        l_s, _ = split_loss(model, s.test, block_size, batch_size, max_batches, device, autocast, rank, world_size)
         per_source[s.name] = l_s
         loss += s.weight * l_s
         bpb += s.weight * bits_per_byte(l_s, s.test)

@@ -1,18 +1,22 @@
 """Bad input: one line on stderr, exit status 2, no traceback, and an existing run left untouched."""
 
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from picollm.cli import main
 
 
 def snapshot(d):
     out = {}
-    for root, _, files in os.walk(d):
+    for root, dirs, files in os.walk(d):
+        out.update({os.path.join(root, x): None for x in dirs})
         for f in files:
             p = os.path.join(root, f)
             out[p] = (os.path.getmtime(p), hashlib.sha256(open(p, "rb").read()).hexdigest())
@@ -28,6 +32,33 @@ def run(tmp_path_factory):
     return root / "good"
 
 
+def _edit_json(path, **changes):
+    d = json.load(open(path))
+    d["model"].update(changes)
+    json.dump(d, open(path, "w"))
+
+
+BROKEN = {  # damaged copies of the good run, beside it (so the snapshot covers them too)
+    "shape": lambda r: _edit_json(r / "config.json", n_embd=24, hidden_size=24),
+    "vocab": lambda r: _edit_json(r / "config.json", vocab_size=300),
+    "truncated": lambda r: (r / "model.safetensors").write_bytes((r / "model.safetensors").read_bytes()[:3000]),
+    "garbage": lambda r: (r / "model.safetensors").write_bytes(os.urandom(4096)),
+    "config": lambda r: (r / "config.json").write_text('{"model": {"model": "lstm", '),
+    "tokenizer": lambda r: (r / "tokenizer.json").write_text("{]"),
+    "trainer": lambda r: (r / "trainer.pt").write_bytes(b"PK\x03\x04 not a zip"),
+    "pair": lambda r: torch.save(dict(torch.load(r / "trainer.pt", weights_only=True), step=2), r / "trainer.pt"),
+    "notrainer": lambda r: (r / "trainer.pt").unlink(),
+}
+
+
+@pytest.fixture(scope="module")
+def broken(run):
+    for name, damage in BROKEN.items():
+        shutil.copytree(run, run.parent / name)
+        damage(run.parent / name)
+    return run.parent
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("files")
@@ -35,7 +66,20 @@ def files(tmp_path_factory):
     (d / "blank.txt").write_text("\n\n  \n")
     (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
     (d / "ok.txt").write_text("hello world\nanother line\n")
+    base = '[base]\ndataset = "numbers"\nnumbers_count = 120\ntokenizer = "byte"\n'
+    for name, text in SPECS.items():
+        (d / f"{name}.toml").write_text(text.format(base=base))
     return d
+
+
+SPECS = {  # sweep specs, each wrong in one way
+    "not_toml": "[base\nx = 1\n",
+    "unknown_flag": "{base}frobnicate = 1\n[grid]\nseed = [1, 2]\n",
+    "reserved": '{base}output_dir = "elsewhere"\n[grid]\nseed = [1, 2]\n',
+    "empty_grid": "{base}[grid]\n",
+    "bad_point": "{base}[grid]\nblock_size = [1, 16]\n",
+    "accum": "{base}batch_size = 4\ngrad_accum_steps = 3\n[grid]\nseed = [1, 2]\n",
+}
 
 
 def T(*args):  # a train command into the existing run's directory, so damage would show
@@ -71,19 +115,46 @@ CASES = {
     "missing run (generate)": ["generate", "{files}/nope"],
     "not a run (eval)": ["eval", "{files}"],
     "not a run (resume)": ["train", "--resume", "{files}"],
+    "grad_accum_steps < 1": T("--dataset", "numbers", "--grad_accum_steps", "0"),
+    "grad_accum_steps does not divide batch": T("--dataset", "numbers", "--batch_size", "4", "--grad_accum_steps", "3"),
+    "grad_accum_steps on resume does not divide": ["train", "--resume", "{run}", "--grad_accum_steps", "3"],
+    "corrupt tokenizer.json (generate)": ["generate", "{runs}/tokenizer"],
+    "corrupt trainer.pt (resume)": ["train", "--resume", "{runs}/trainer"],
+    "weights and trainer.pt of different steps (resume)": ["train", "--resume", "{runs}/pair"],
+    "no trainer.pt (resume)": ["train", "--resume", "{runs}/notrainer"],
+    "sweep spec missing": ["sweep", "{files}/nope.toml", "--output_dir", "{runs}"],
+    "sweep spec not TOML": ["sweep", "{files}/not_toml.toml", "--output_dir", "{runs}"],
+    "sweep spec: unknown train flag": ["sweep", "{files}/unknown_flag.toml", "--output_dir", "{runs}"],
+    "sweep spec: a flag the sweep owns": ["sweep", "{files}/reserved.toml", "--output_dir", "{runs}"],
+    "sweep spec: empty grid": ["sweep", "{files}/empty_grid.toml", "--output_dir", "{runs}"],
+    "sweep spec: a point with a bad value": ["sweep", "{files}/bad_point.toml", "--output_dir", "{runs}"],
+    "sweep spec: grad_accum_steps does not divide": ["sweep", "{files}/accum.toml", "--output_dir", "{runs}"],
+    "sweep --set without =": ["sweep", "{files}/accum.toml", "--output_dir", "{runs}", "--set", "epochs"],
+    "compare: no runs there": ["compare", "{files}"],
 }
+# Every damaged checkpoint, through each command that loads one.
+for _cmd in ("generate", "eval", "resume"):
+    for _what, _dir in (("shape mismatch", "shape"), ("tokenizer vocab mismatch", "vocab"),
+                        ("truncated model.safetensors", "truncated"), ("corrupt model.safetensors", "garbage"),
+                        ("corrupt config.json", "config")):
+        CASES[f"{_what} ({_cmd})"] = (["train", "--resume"] if _cmd == "resume" else [_cmd]) + [f"{{runs}}/{_dir}"]
+
+
+def test_the_matrix_is_large():
+    assert len(CASES) >= 25 + 15 + 5
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_exits_2_with_one_line(name, run, files, capsys):
-    before = snapshot(run)
-    argv = [a.format(run=run, files=files) for a in CASES[name]]
+def test_bad_input_exits_2_with_one_line(name, run, broken, files, capsys):
+    before = snapshot(broken)  # the good run and its damaged copies
+    argv = [a.format(run=run, files=files, runs=broken) for a in CASES[name]]
     if argv[0] == "train" and "--resume" not in argv:
         argv += ["--output_dir", str(run.parent)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    assert snapshot(run) == before
+    assert len(err) < 300, err
+    assert snapshot(broken) == before
 
 
 def test_gpt2_offline_names_the_alternative(run, monkeypatch, capsys):

@@ -94,8 +94,8 @@ def test_several_models_share_data_and_write_a_comparison(tmp_path):
 def test_held_out_continuation_accuracy_beats_a_trivial_baseline(tmp_path):
     """A small Transformer on the numeric corpus: greedy continuation of held-out sequences, scored against
     the 'repeat the last number' baseline on the same sequences."""
-    data = DataConfig(dataset="numbers", numbers_count=1500, tokenizer="bpe", vocab_size=512, seed=0)
-    tcfg = TrainConfig(epochs=1, max_steps_per_epoch=250, batch_size=32, learning_rate=3e-3, eval_batches=4,
+    data = DataConfig(dataset="numbers", numbers_count=4000, tokenizer="bpe", vocab_size=512, seed=0)
+    tcfg = TrainConfig(epochs=6, batch_size=32, learning_rate=3e-3, eval_batches=4,
                        prompt="0 1 2 3 4", max_new_tokens=12)
     mcfg = ModelConfig(model="transformer", block_size=48, n_embd=64, n_layer=2, n_head=4)
     summary = train(mcfg, data, tcfg, str(tmp_path / "acc"), progress=False, log=lambda s: None)

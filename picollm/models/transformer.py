@@ -200,7 +200,10 @@ class Transformer(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
         if cfg.pos_emb == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_positions(cfg.block_size, cfg.n_embd), persistent=False)
+            # scaled to the token embeddings' RMS (init std 0.02; sin/cos have RMS 1/sqrt 2): unscaled, the
+            # table drowns the tokens out at the start of training and the model barely learns
+            table = sinusoidal_positions(cfg.block_size, cfg.n_embd) * (0.02 * math.sqrt(2.0))
+            self.register_buffer("pos_table", table, persistent=False)
         if cfg.pos_emb == "rope":
             cos, sin = precompute_rope(cfg.head_size, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)

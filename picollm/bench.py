@@ -1,0 +1,343 @@
+"""`pico-llm bench`: speed measured side by side in one process, medians over repeats after warm-up.
+
+Reference config T4: 4 layers, 4 heads, n_embd 256, block 256, vocab 4096, batch 8, AdamW. The baseline
+of the training ratio is bench/reference_gpt.py, a plain textbook GPT-2 (fp32, eager, no fusions), on
+the identical config and data. Figures are ratios taken in the same run, so a noisy machine moves
+both sides of each ratio alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+
+from .config import ModelConfig, SampleConfig, TrainConfig, resolve_model_config
+from .models import build_model, num_params
+from .train import autocast_factory, make_optimizer, resolve_precision
+
+T4 = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=4096)
+T4_BATCH = 8
+KGRAM_LOOP = dict(V=50257, k=3, C=1024, T=32, B=4)  # the starter's k-gram setting
+TOKENIZE_MB = {True: 5, False: 50}  # quick / full
+QUALITY_STEPS = {True: 60, False: 200}
+PEAK_MATMUL_N = 2048
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def _load_bench_module(name: str):
+    path = os.path.join(BENCH_DIR, f"{name}.py")
+    if not os.path.isfile(path):
+        return None
+    spec = importlib.util.spec_from_file_location(f"picollm_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _median_time(fn: Callable[[], object], repeats: int, warmup: int, sync: Callable[[], None]) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _sync_for(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: str) -> float:
+    n, repeats = PEAK_MATMUL_N, 10
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t = _median_time(lambda: a @ b, repeats, 3, _sync_for(device))
+    return 2 * n ** 3 / t / 1e9
+
+
+def t4_model_configs() -> dict[str, ModelConfig]:
+    """The three families on T4 at comparable parameter counts (~3.2-3.7 M)."""
+    base = dict(vocab_size=T4["vocab_size"], block_size=T4["block_size"])
+    C = T4["n_embd"]
+    return {
+        "transformer": resolve_model_config(preset="pico", model="transformer", n_layer=T4["n_layer"],
+                                            n_head=T4["n_head"], n_embd=T4["n_embd"], **base),
+        "lstm": ModelConfig(model="lstm", n_embd=C, hidden_size=2 * C, lstm_layers=2, **base),
+        "kgram": ModelConfig(model="kgram", n_embd=C, kgram_k=3, kgram_variant="embedding",
+                             num_inner_mlp_layers=2, **base),
+    }
+
+
+def _trainer(model, device: str, precision: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One AdamW training step on (x, y), as pico-llm's loop does it (autocast, clip, no host sync)."""
+    from .metrics import lm_loss
+
+    opt = make_optimizer(model, TrainConfig(learning_rate=1e-3, warmup_steps=0), device)
+    autocast = autocast_factory(device, resolve_precision(precision, device))
+
+    def step(x, y):
+        with autocast():
+            logits = model(x)
+        loss = lm_loss(logits, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def _train_step_fn(model, data: torch.Tensor, batch: int, device: str, precision: str):
+    """A closure doing one training step on the next `batch` rows of `data` (a fixed token tensor)."""
+    train_step = _trainer(model, device, precision)
+    T = T4["block_size"]
+    i = [0]
+
+    def step():
+        rows = torch.arange(i[0], i[0] + batch) % data.size(0)
+        i[0] += batch
+        return train_step(data[rows, :T], data[rows, 1:T + 1])
+
+    return step
+
+
+def bench_train(device: str, quick: bool, precision: str = "auto", compile: bool = False) -> dict:
+    torch.manual_seed(0)
+    V, T = T4["vocab_size"], T4["block_size"]
+    data = torch.randint(V, (64, T + 1), device=device)
+    repeats, warmup = (5, 2) if quick else (15, 3)
+    sync = _sync_for(device)
+    amp = resolve_precision(precision, device)
+    peak = matmul_peak_gflops(amp or torch.float32, device)
+    out = {}
+    for name, cfg in t4_model_configs().items():
+        model = build_model(cfg).to(device)
+        fn = _train_step_fn(model, data, T4_BATCH, device, precision)
+        if compile and name == "transformer":
+            from .train import maybe_compile
+            model_c = maybe_compile(model)
+            fn = _train_step_fn(model_c, data, T4_BATCH, device, precision)
+        t = _median_time(fn, repeats, warmup, sync)
+        tps = T4_BATCH * T / t
+        out[name] = {"tokens_per_s": tps, "mfu": model.flops_per_token() * tps / (peak * 1e9),
+                     "params": num_params(model),
+                     "precision": "fp32" if amp is None else str(amp).replace("torch.", "")}
+    ref_mod = _load_bench_module("reference_gpt")
+    if ref_mod is None:
+        out["reference_gpt"] = {"tokens_per_s": None}
+    else:
+        ref = ref_mod.ReferenceGPT(V, T, T4["n_layer"], T4["n_head"], T4["n_embd"]).to(device)
+        t = _median_time(_train_step_fn(ref, data, T4_BATCH, device, "fp32"), repeats, warmup, sync)
+        out["reference_gpt"] = {"tokens_per_s": T4_BATCH * T / t, "params": num_params(ref), "precision": "fp32"}
+        out["transformer"]["speedup_vs_reference"] = out["transformer"]["tokens_per_s"] / out["reference_gpt"]["tokens_per_s"]
+    return out
+
+
+def bench_quality(device: str, steps: int) -> dict:
+    """Test loss after the same number of steps, ours (default settings) vs the fp32 reference, on the
+    numeric corpus with a 4096-id BPE: speed must not cost quality."""
+    from .data.batches import Batcher
+    from .data.corpus import build_corpus
+    from .config import DataConfig
+    from .metrics import evaluate_sources
+
+    corpus = build_corpus(DataConfig(dataset="numbers", tokenizer="bpe", vocab_size=4096, seed=0))
+    V = corpus.tokenizer.vocab_size
+    results = {}
+    ref_mod = _load_bench_module("reference_gpt")
+    for name in ("transformer", "reference_gpt"):
+        torch.manual_seed(0)
+        if name == "transformer":
+            model = build_model(dataclasses.replace(t4_model_configs()["transformer"], vocab_size=V)).to(device)
+            precision = "auto"
+        elif ref_mod is not None:
+            model = ref_mod.ReferenceGPT(V, T4["block_size"], T4["n_layer"], T4["n_head"], T4["n_embd"]).to(device)
+            precision = "fp32"
+        else:
+            continue
+        train_step = _trainer(model, device, precision)
+        batcher = Batcher(corpus.sources, T4["block_size"], T4_BATCH, seed=0)
+        model.train()
+        for _ in range(steps):
+            train_step(*(t.to(device) for t in batcher.next_batch()))
+        r = evaluate_sources(model, corpus.sources, T4["block_size"], T4_BATCH, 8, device)
+        results[name] = {"test_loss": r["test_loss"], "precision": precision}
+    results["steps"] = steps
+    return results
+
+
+@torch.no_grad()
+def bench_generate(device: str, quick: bool) -> dict:
+    from .sampling import generate, sample_next
+
+    torch.manual_seed(0)
+    cfg = t4_model_configs()["transformer"]
+    model = build_model(cfg).to(device).eval()
+    prompt = torch.randint(cfg.vocab_size, (1, 16), device=device)
+    n_new = 256
+    scfg = SampleConfig(max_new_tokens=n_new, top_p=0.95, seed=0)
+    repeats = 3 if quick else 5
+    sync = _sync_for(device)
+    t_cache = _median_time(lambda: generate(model, prompt, scfg), repeats, 1, sync)
+
+    def recompute():
+        g = torch.Generator(device=device).manual_seed(0)
+        idx = prompt
+        for _ in range(n_new):
+            logits = model(idx[:, -cfg.block_size:])[:, -1, :]
+            idx = torch.cat([idx, sample_next(logits, scfg, g)[:, None]], dim=1)
+        return idx
+
+    t_re = _median_time(recompute, max(1, repeats // 2), 1, sync)
+    out = {"kv_cache_tokens_per_s": n_new / t_cache, "recompute_tokens_per_s": n_new / t_re, "hf_tokens_per_s": None}
+    out["kv_cache_vs_recompute"] = out["kv_cache_tokens_per_s"] / out["recompute_tokens_per_s"]
+    try:
+        import transformers  # optional extra
+    except ImportError:
+        out["hf_note"] = "transformers not installed (pip install -e .[hf])"
+        return out
+    hf_cfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd,
+                                      intermediate_size=model.blocks[0].mlp.proj.in_features,
+                                      num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                                      num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size * 2,
+                                      tie_word_embeddings=True)
+    hf = transformers.LlamaForCausalLM(hf_cfg).to(device).eval()
+
+    def hf_generate():
+        torch.manual_seed(0)
+        return hf.generate(prompt, do_sample=True, top_p=0.95, top_k=0, max_new_tokens=n_new, min_new_tokens=n_new,
+                           eos_token_id=None, pad_token_id=0)
+
+    t_hf = _median_time(hf_generate, repeats, 1, sync)
+    out["hf_tokens_per_s"] = n_new / t_hf
+    out["kv_cache_vs_hf"] = out["kv_cache_tokens_per_s"] / out["hf_tokens_per_s"]
+    return out
+
+
+def bench_kgram_vs_loop(quick: bool) -> dict:
+    """Forward + backward at vocab 50257, k 3, embed 1024, seq 32, batch 4: ours vs the starter's loop.
+    The loop's cost is linear in positions, so quick mode times 8 of 32 positions and scales by 4."""
+    mod = _load_bench_module("starter_kgram")
+    V, k, C, T, B = (KGRAM_LOOP[x] for x in ("V", "k", "C", "T", "B"))
+    torch.manual_seed(0)
+    tokens = torch.randint(V, (B, T))
+    ours = build_model(ModelConfig(model="kgram", vocab_size=V, kgram_k=k, n_embd=C, block_size=T,
+                                   kgram_variant="onehot", num_inner_mlp_layers=1))
+    targets = torch.randint(V, (B, T))
+    from .metrics import lm_loss
+
+    def ours_step():
+        lm_loss(ours(tokens), targets).backward()
+
+    t_ours = _median_time(ours_step, 3 if quick else 5, 1, lambda: None)
+    out = {"ours_s": t_ours, "loop_s": None, "ratio": None}
+    if mod is None:
+        return out
+    starter = mod.StarterKGramMLP(V, k, C, 1)
+    positions = max(1, T // 4) if quick else T
+
+    def loop_step():
+        logits = starter(tokens.t(), positions=positions)  # (T', B, V)
+        lm_loss(logits.transpose(0, 1), targets[:, :positions]).backward()
+
+    t0 = time.perf_counter()
+    loop_step()
+    t_loop = (time.perf_counter() - t0) * T / positions
+    out.update(loop_s=t_loop, ratio=t_loop / t_ours, loop_positions_timed=positions)
+    return out
+
+
+def bench_tokenizer(quick: bool) -> dict:
+    from .data.sources import generate_numbers
+    from .data.tokenizers import build_tokenizer
+
+    target_mb = TOKENIZE_MB[quick]
+    lines = []
+    size = 0
+    seed = 0
+    while size < target_mb * 1e6:
+        chunk = generate_numbers(20000, seed=seed)
+        seed += 1
+        lines.extend(chunk)
+        size += sum(len(s) + 1 for s in chunk)
+    tok = build_tokenizer("bpe", train_texts=lines[:20000], vocab_size=4096)
+    t0 = time.perf_counter()
+    tok.encode_batch(lines)
+    dt = time.perf_counter() - t0
+    return {"tokenize_mb_per_s": size / 1e6 / dt, "mb": size / 1e6, "tokenizer": "bpe"}
+
+
+def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto", compile: bool = False,
+              log: Callable[[str], None] = print) -> dict:
+    amp = resolve_precision(precision, device)
+    res: dict = {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                 "quick": quick}
+    log("peak matmul ...")
+    res["peak_gflops"] = {"fp32": matmul_peak_gflops(torch.float32, device), "bf16": matmul_peak_gflops(torch.bfloat16, device)}
+    log("training tokens/s on T4 ...")
+    res["train"] = bench_train(device, quick, precision, compile)
+    log("test loss after the same steps ...")
+    res["quality"] = bench_quality(device, QUALITY_STEPS[quick])
+    log("generation ...")
+    res["generate"] = bench_generate(device, quick)
+    log("k-gram vs the starter's loop ...")
+    res["kgram_vs_loop"] = bench_kgram_vs_loop(quick)
+    log("tokenizer throughput ...")
+    res["data"] = bench_tokenizer(quick)
+    res["precision"] = "fp32" if amp is None else str(amp).replace("torch.", "")
+    return res
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu: {name} ({os.cpu_count()} cores)"
+
+
+def format_report(res: dict) -> str:
+    tr, g, q = res["train"], res["generate"], res["quality"]
+    lines = [f"device: {res['device']}, torch {res['torch']}, {res['threads']} threads, precision {res['precision']}",
+             f"peak matmul: fp32 {res['peak_gflops']['fp32']:.0f} GFLOP/s, bf16 {res['peak_gflops']['bf16']:.0f} GFLOP/s",
+             "", "| train (T4) | params | tokens/s | MFU |", "|---|---|---|---|"]
+    for name in ("transformer", "lstm", "kgram", "reference_gpt"):
+        r = tr[name]
+        if r.get("tokens_per_s") is None:
+            continue
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else ""
+        lines.append(f"| {name} ({r['precision']}) | {r.get('params', 0):,} | {r['tokens_per_s']:,.0f} | {mfu} |")
+    if "speedup_vs_reference" in tr["transformer"]:
+        lines.append(f"\ntransformer vs reference: {tr['transformer']['speedup_vs_reference']:.2f}x tokens/s")
+    if "reference_gpt" in q:
+        lines.append(f"test loss after {q['steps']} steps: transformer {q['transformer']['test_loss']:.4f}, "
+                     f"reference {q['reference_gpt']['test_loss']:.4f}")
+    hf = f", HF generate {g['hf_tokens_per_s']:,.0f} ({g['kv_cache_vs_hf']:.1f}x)" if g.get("hf_tokens_per_s") else ""
+    lines.append(f"generate 256 tokens: KV cache {g['kv_cache_tokens_per_s']:,.0f} tok/s, recompute "
+                 f"{g['recompute_tokens_per_s']:,.0f} ({g['kv_cache_vs_recompute']:.1f}x){hf}")
+    kg = res["kgram_vs_loop"]
+    if kg.get("ratio"):
+        lines.append(f"k-gram fwd+bwd: {kg['ours_s'] * 1e3:.1f} ms vs starter loop {kg['loop_s']:.1f} s ({kg['ratio']:,.0f}x)")
+    lines.append(f"bpe tokenizer: {res['data']['tokenize_mb_per_s']:.1f} MB/s on {res['data']['mb']:.0f} MB")
+    return "\n".join(lines)
