@@ -107,7 +107,9 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--log_interval", type=int, default=10)
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--device_id", default=d["device_id"], help="cpu | cuda | cuda:N | mps (falls back to cpu)")
-    g.add_argument("--precision", default="fp32", help="auto | fp32 | bf16 | fp16")
+    g.add_argument("--precision", default="auto",
+                   help="auto (bf16 autocast where the hardware runs it fast, else fp32) | fp32 | bf16 | fp16")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on failure)")
     g.add_argument("--prompt", default="Once upon a")
     g.add_argument("--max_new_tokens", type=int, default=20, help="length of the samples printed at the end")
     g.add_argument("--output_dir", default="runs")
@@ -148,7 +150,7 @@ def configs_from_args(a: argparse.Namespace):
                         learning_rate=a.learning_rate, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
                         lr_schedule=a.lr_schedule, grad_clip=a.grad_clip, eval_interval=a.eval_interval,
                         eval_batches=a.eval_batches, log_interval=max(1, a.log_interval), device=a.device_id,
-                        precision=a.precision, seed=a.seed, prompt=a.prompt, max_new_tokens=a.max_new_tokens,
+                        precision=a.precision, compile=a.compile, seed=a.seed, prompt=a.prompt, max_new_tokens=a.max_new_tokens,
                         tensorboard=a.tensorboard)
     pos_emb = a.pos_emb
     if a.use_position_emb is False:

@@ -160,7 +160,8 @@ class TrainConfig(_JSON):
     eval_batches: int = 20
     log_interval: int = 10
     device: str = "cpu"
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 autocast where the hardware runs it fast (CUDA, AMX / AVX512-BF16 CPUs)
+    compile: bool = False
     seed: int = 1337
     prompt: str = "Once upon a"
     max_new_tokens: int = 20

@@ -13,8 +13,45 @@ from .data.batches import IGNORE_INDEX, TokenSplit, bits_per_byte, eval_windows
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the targets that are not IGNORE_INDEX (padding never counts)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    """Mean cross-entropy over the targets that are not IGNORE_INDEX (padding never counts), in float32.
+    Low-precision logits (bf16/fp16 under autocast) go through a row-chunked float32 cross-entropy that
+    never materialises float32 copies of the whole (N, V) logits or their gradient."""
+    logits2d, targets1d = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    if logits.dtype == torch.float32 or not logits.requires_grad:
+        return F.cross_entropy(logits2d.float(), targets1d, ignore_index=IGNORE_INDEX)
+    return _ChunkedCrossEntropy.apply(logits2d, targets1d)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(logits.float(), targets, ignore_index) for (N, V) low-precision logits, computed
+    CHUNK rows at a time in float32 (cache-sized); the gradient is written straight in the logits' dtype."""
+
+    CHUNK = 256
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        valid = targets != IGNORE_INDEX
+        safe = targets.clamp_min(0)
+        lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+        for s in range(0, logits.size(0), _ChunkedCrossEntropy.CHUNK):
+            lse[s:s + _ChunkedCrossEntropy.CHUNK] = torch.logsumexp(logits[s:s + _ChunkedCrossEntropy.CHUNK].float(), -1)
+        picked = logits.gather(1, safe[:, None]).squeeze(1).float()
+        n = valid.sum().clamp_min(1)
+        ctx.save_for_backward(logits, safe, valid, lse, n)
+        return ((lse - picked) * valid).sum() / n
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, safe, valid, lse, n = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        scale = (grad_out / n) * valid  # (N,): 0 on ignored rows
+        C = _ChunkedCrossEntropy.CHUNK
+        for s in range(0, logits.size(0), C):
+            p = torch.exp(logits[s:s + C].float() - lse[s:s + C, None])  # softmax rows, float32
+            rows = torch.arange(p.size(0), device=p.device)
+            p[rows, safe[s:s + C]] -= 1.0
+            grad[s:s + C] = p * scale[s:s + C, None]
+        return grad, None
 
 
 @torch.no_grad()

@@ -354,6 +354,10 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
             else "broadcast_buffers"
         net = DDP(model, device_ids=[dd.local_rank] if device.startswith("cuda") else None, **{no_sync: False})
 
+    if train_cfg.compile:
+        net = maybe_compile(net, say)
+    # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not (the scaler is then a no-op)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=amp_dtype == torch.float16)
     n_params = num_params(model)
     accum = train_cfg.grad_accum_steps
     layout = (f", {dd.world_size} processes x {accum} micro-batches of {train_cfg.batch_size // (dd.world_size * accum)}"
@@ -438,11 +442,13 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
                     with autocast():
                         logits = net(xm)
                     loss = lm_loss(logits, ym) if share > 0 else logits.sum() * 0.0
-                    (loss * (share * dd.world_size)).backward()  # x world_size: DDP averages over the ranks
+                    scaler.scale(loss * (share * dd.world_size)).backward()  # x world_size: DDP averages ranks
                 step_loss = step_loss + loss.detach() * share
             if train_cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             pending.append((step, step_loss, n_tok, lr))

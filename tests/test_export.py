@@ -83,7 +83,8 @@ def test_logits_and_greedy_generation_match(exported, name):
     idx = torch.randint(0, cfg.vocab_size, (3, cfg.block_size), generator=g)  # random prompts, full context
     with torch.no_grad():
         a, b = ours(idx), theirs(idx).logits
-    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    # fp32; ours multiplies attention out on the CPU, HF through SDPA: equal up to summation order
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert a.std() > 0.1  # the trained weights, not a degenerate model
 
     prompts = [tok.encode("0 1 2 3"), tok.encode("5 10 15"), idx[0, :5].tolist(), idx[1, :1].tolist()]

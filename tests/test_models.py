@@ -164,11 +164,17 @@ def test_transformer_context_limits_raise():
 
 @pytest.mark.parametrize("cfg", TRANSFORMER_CFGS, ids=TRANSFORMER_IDS)
 @torch.no_grad()
-def test_sdpa_path_equals_explicit_attention_path(cfg):
+def test_sdpa_path_equals_explicit_attention_path(cfg, monkeypatch):
+    from picollm.models.transformer import CausalSelfAttention
+
     model = make(cfg)
     idx = tokens(2, 17)
     logits, attn = model(idx, return_attn=True)
-    assert_close(logits, model(idx), **TOL)
+    written_out = model(idx)  # the CPU fast path
+    monkeypatch.setattr(CausalSelfAttention, "written_out_on_cpu", False)
+    sdpa = model(idx)  # F.scaled_dot_product_attention
+    assert_close(logits, sdpa, **TOL)
+    assert_close(written_out, sdpa, **TOL)
     assert len(attn) == cfg.n_layer
     for att in attn:
         assert att.shape == (2, cfg.n_head, 17, 17)
