@@ -45,11 +45,30 @@ def next_token_distribution(logits: torch.Tensor, cfg: SampleConfig) -> torch.Te
 
 
 def sample_next(logits: torch.Tensor, cfg: SampleConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """logits (B, V) -> next tokens (B,). Greedy (or temperature 0) is argmax."""
+    """logits (B, V) -> next tokens (B,). Greedy (or temperature 0) is argmax.
+
+    Draws by inverse CDF: one uniform number per row, located in the cumulative probabilities (of the
+    sorted nucleus for top-p). The same distribution as next_token_distribution + multinomial, without
+    a second softmax, a scatter or multinomial's setup on every token."""
     if cfg.greedy or cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = next_token_distribution(logits, cfg)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logits = logits.float()
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
+    if cfg.top_k is not None:
+        logits = top_k_filter(logits, cfg.top_k)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)  # (B, 1)
+    if cfg.top_p is None or cfg.top_p >= 1.0:
+        cum = probs.cumsum(dim=-1)
+        j = torch.searchsorted(cum, u * cum[:, -1:], right=True)
+        return j.clamp_max(probs.size(-1) - 1).squeeze(-1)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+    cum = sorted_p.cumsum(dim=-1)
+    n_keep = ((cum - sorted_p) < cfg.top_p).sum(dim=-1, keepdim=True)  # the crossing token included
+    mass = cum.gather(-1, n_keep - 1)  # probability of the nucleus, (B, 1)
+    j = torch.searchsorted(cum, u * mass, right=True).clamp_max(n_keep - 1)
+    return order.gather(-1, j).squeeze(-1)
 
 
 @torch.no_grad()

@@ -49,6 +49,18 @@ def test_sampling_frequencies_follow_the_nucleus():
     assert math.isclose(freq[0].item(), 2 / 3, abs_tol=0.02)
 
 
+@pytest.mark.parametrize("p", [0.6, 0.9, 1.0, None])
+def test_sample_next_draws_from_the_nucleus(p):
+    """sample_next (inverse CDF) draws each token with the probability next_token_distribution gives it."""
+    from picollm.sampling import sample_next
+
+    cfg = SampleConfig(top_p=p)
+    g = torch.Generator().manual_seed(1)
+    draws = sample_next(LOGITS.expand(40000, 4), cfg, g)
+    freq = torch.bincount(draws, minlength=4).double() / draws.numel()
+    torch.testing.assert_close(freq, next_token_distribution(LOGITS, cfg)[0].double(), atol=0.01, rtol=0)
+
+
 def test_parse_p_list():
     assert parse_p_list("greedy,0.2,1.0") == [None, 0.2, 1.0]
     with pytest.raises(PicoError):
