@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,hf]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,hf,tensorboard]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

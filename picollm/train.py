@@ -384,7 +384,9 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and dd.main), dynamic_ncols=True, leave=False)
+    # disable=None: no bar when stderr is not a terminal (logs, CI)
+    bar = tqdm(total=total_steps, initial=step, disable=None if (progress and dd.main) else True, dynamic_ncols=True,
+               leave=False)
     pending: list[tuple] = []  # (step, loss on device, tokens, lr): no host sync until the next log
     window_t = time.perf_counter()
     last_ckpt = step if resume else None
