@@ -8,7 +8,7 @@ from typing import Optional
 
 from .checkpoint import load_run
 from .data.batches import Source, tokenize_split
-from .data.corpus import build_corpus
+from .data.corpus import build_corpus, is_numeric_text
 from .metrics import continuation_accuracy, evaluate_sources
 
 
@@ -21,7 +21,7 @@ def evaluate_run(run_dir: str, input_files: Optional[list[str]] = None, batch_si
         docs = read_text_files(input_files, mode=dcfg.input_mode)
         split = tokenize_split(docs, tok)
         sources = [Source("files", 1.0, split, split, docs)]
-        numeric = all(_is_numeric(d) for d in docs)
+        numeric = all(is_numeric_text(d) for d in docs)
         numeric_docs = docs
     else:  # the run's own split: deterministic from config.json, tokenized with the run's tokenizer
         corpus = build_corpus(dcfg, tokenizer=tok)
@@ -32,11 +32,3 @@ def evaluate_run(run_dir: str, input_files: Optional[list[str]] = None, batch_si
     if numeric:
         out["continuation_accuracy"] = continuation_accuracy(model, tok, numeric_docs, device=device)
     return out
-
-
-def _is_numeric(doc: str) -> bool:
-    try:
-        [int(x) for x in doc.split()]
-        return bool(doc.split())
-    except ValueError:
-        return False

@@ -21,6 +21,8 @@ def test_classic_command_line_runs_offline(tmp_path, numbers_file):
     assert cfg["model"]["model"] == "lstm"  # the starter's default model
     assert cfg["model"]["block_size"] == 32 and cfg["model"]["n_embd"] == 32
     assert cfg["data"]["input_files"] == [str(numbers_file)] and cfg["data"]["tinystories_weight"] == 0.0
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0.0 <= summary["continuation_accuracy"] <= 1.0  # a file of numeric sequences counts as numeric data
     samples = (run / "samples.md").read_text()
     for label in ("| greedy | 0 1 2 3 4", "| top-p 0.95 | 0 1 2 3 4", "| top-p 1.0 | 0 1 2 3 4"):
         assert label in samples  # the starter's three samples

@@ -12,10 +12,21 @@ from .batches import Source, memmap_path, split_documents, tokenize_split
 class Corpus:
     tokenizer: object
     sources: list[Source]  # weight > 0 only; weights sum to 1
-    numeric: bool  # the built-in numeric corpus (continuation accuracy applies)
+    numeric: bool  # some source is numeric sequences (continuation accuracy applies)
 
     def numeric_test_docs(self) -> list[str]:
-        return [d for s in self.sources if s.name == "numbers" for d in s.test_docs]
+        return [d for s in self.sources if is_numeric_source(s) for d in s.test_docs]
+
+
+def is_numeric_text(doc: str) -> bool:
+    """A document of whitespace-separated integers, like the numeric corpus ("3seqs")."""
+    parts = doc.split()
+    return bool(parts) and all(p.lstrip("-").isdigit() for p in parts)
+
+
+def is_numeric_source(source) -> bool:
+    """The built-in corpus, or the user's own file of numeric sequences."""
+    return source.name == "numbers" or (bool(source.test_docs) and all(map(is_numeric_text, source.test_docs)))
 
 
 def load_documents(cfg: DataConfig) -> list[tuple[str, float, list[str]]]:
@@ -54,4 +65,4 @@ def build_corpus(cfg: DataConfig, run_dir: str | None = None, tokenizer=None) ->
     sources = [Source(name, w, tokenize_split(train, tokenizer, memmap_path(run_dir, f"{name}-train")),
                       tokenize_split(test, tokenizer, memmap_path(run_dir, f"{name}-test")), test)
                for name, w, train, test in splits]
-    return Corpus(tokenizer, sources, numeric=any(s.name == "numbers" for s in sources))
+    return Corpus(tokenizer, sources, numeric=any(is_numeric_source(s) for s in sources))
