@@ -16,6 +16,7 @@ A run directory holds run_dir/tokenizer.json: the HF tokenizers JSON for bpe (lo
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 import json
 import os
 import tempfile
@@ -55,7 +56,7 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """What the rest of pico-llm relies on. vocab_size is the size of the id space a model must
     cover, specials included."""
 
@@ -63,17 +64,20 @@ class Tokenizer:
     vocab_size: int
     eot_id: int
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Text -> ids; no special tokens added."""
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    @abstractmethod
     def decode(self, ids) -> str:
-        raise NotImplementedError
+        """Ids (list, array or tensor) -> text; the end-of-text id reads "<|endoftext|>"."""
 
+    @abstractmethod
     def to_json(self) -> str:
-        raise NotImplementedError
+        """The content of a run's tokenizer.json."""
 
     def save(self, run_dir: PathLike) -> None:
         _write_atomic(Path(run_dir) / TOKENIZER_FILE, self.to_json())
