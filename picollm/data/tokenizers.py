@@ -19,7 +19,6 @@ import hashlib
 from abc import ABC, abstractmethod
 import json
 import os
-import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,15 +44,9 @@ def _ids(ids) -> list[int]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..checkpoint import write_text  # the project's one atomic writer (tmp, fsync, rename)
+
+    write_text(str(path), text)
 
 
 class Tokenizer(ABC):
