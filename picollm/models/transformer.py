@@ -38,15 +38,17 @@ def precompute_rope(head_size: int, n_pos: int, theta: float = 10000.0) -> tuple
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, nh, T, hs) by position; cos/sin are (T, hs/2).
+    """Rotate x (..., hs) by position; cos/sin (..., hs/2) broadcast against x's halves, e.g. (T, hs/2)
+    for x (B, nh, T, hs), or (T, 1, 1, hs/2) for the attention's (B, T, 2, nh, hs) q-and-k pair.
 
     Dimension i is paired with i + hs/2 (the "rotate half" layout of GPT-NeoX and HF Llama, so q/k
     weights export to HF without a permutation). Computed in x's dtype, as HF Llama does (under bf16
     autocast a float32 round trip here cost ~10% of a CPU training step).
     """
-    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, nh, T, hs)
+    x1, x2 = x.chunk(2, dim=-1)  # (..., hs/2) each
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., hs)
 
 
 # ----------------------------------------------------------------------------- norms
@@ -61,6 +63,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:  # torch's fused kernel: the same float32 math in one op
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).type_as(x)
@@ -98,26 +102,27 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_embd, self.head_size = cfg.n_head, cfg.n_embd, cfg.head_size
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = cfg.dropout
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout  # attention weights and the residual branch
 
     def forward(self, x, rope=None, kv=None, start: int = 0, return_attn: bool = False):
         """x: (B, t, C) at positions start..start+t-1. rope: (cos, sin) for those positions.
         kv: this layer's (k, v) cache buffers (B, nh, block_size, hs), written in place; without
         one, start must be 0. Returns (y (B, t, C), attention weights (B, nh, t, start+t) or None)."""
         B, t, C = x.size()
-        q, k, v = self.qkv(x).split(self.n_embd, dim=2)  # (B, t, C) each
-        q = q.view(B, t, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, t, hs)
-        k = k.view(B, t, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, t, hs)
-        v = v.view(B, t, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, t, hs)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.qkv(x).view(B, t, 3, self.n_head, self.head_size)  # q, k, v heads side by side
+        if rope is not None:  # q and k rotated together: (B, t, 2, nh, hs)
+            qk = apply_rope(qkv[:, :, :2], *rope)
+            q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)  # (B, nh, t, hs) each
+        else:
+            q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # (B, nh, t, hs) each
+        v = qkv[:, :, 2].transpose(1, 2)  # (B, nh, t, hs)
         if kv is not None:
             k_buf, v_buf = kv
             k_buf[:, :, start:start + t] = k
             v_buf[:, :, start:start + t] = v
-            k = k_buf[:, :, :start + t].to(q.dtype)  # (B, nh, start+t, hs)
-            v = v_buf[:, :, :start + t].to(q.dtype)  # (B, nh, start+t, hs)
+            k, v = k_buf[:, :, :start + t], v_buf[:, :, :start + t]  # (B, nh, start+t, hs)
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         att = None
         if return_attn:
@@ -136,8 +141,8 @@ class CausalSelfAttention(nn.Module):
             # (is_causal would align the triangle to the top-left corner, which is wrong here)
             mask = None if t == 1 else causal_mask(t, start, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, t, C)  # (B, t, C)
-        return self.resid_drop(self.proj(y)), att
+        y = self.proj(y.transpose(1, 2).reshape(B, t, C))  # (B, t, C)
+        return (F.dropout(y, p=self.dropout) if self.training and self.dropout else y), att
 
 
 # ----------------------------------------------------------------------------- MLP and block
@@ -158,7 +163,7 @@ class MLP(nn.Module):
         hidden = swiglu_hidden(cfg.n_embd) if self.swiglu else 4 * cfg.n_embd
         self.fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x):
         h = self.fc(x)  # (B, T, H) or (B, T, 2H)
@@ -167,7 +172,8 @@ class MLP(nn.Module):
             h = F.silu(gate) * up
         else:
             h = F.gelu(h)
-        return self.drop(self.proj(h))  # (B, T, C)
+        h = self.proj(h)  # (B, T, C)
+        return F.dropout(h, p=self.dropout) if self.training and self.dropout else h
 
 
 class Block(nn.Module):
@@ -219,7 +225,6 @@ class Transformer(nn.Module):
             cos, sin = precompute_rope(cfg.head_size, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         # post-norm blocks end in a norm already; pre-norm needs one before the head
         self.ln_f = make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
@@ -281,12 +286,14 @@ class Transformer(nn.Module):
             x = x + self.wpe(torch.arange(start, start + t, device=idx.device))  # (t, C) broadcast
         elif self.cfg.pos_emb == "sinusoidal":
             x = x + self.pos_table[start:start + t].to(x.dtype)
-        x = self.drop(x)
-        rope = (self.rope_cos[start:start + t], self.rope_sin[start:start + t]) if self.cfg.pos_emb == "rope" else None
+        if self.training and self.cfg.dropout:
+            x = F.dropout(x, p=self.cfg.dropout)
+        rope = None
+        if self.cfg.pos_emb == "rope":  # (t, 1, 1, hs/2): broadcast over batch, {q, k} and heads
+            rope = (self.rope_cos[start:start + t, None, None], self.rope_sin[start:start + t, None, None])
         attn = []
         for i, block in enumerate(self.blocks):
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, att = block(x, rope, kv, start, return_attn)
+            x, att = block(x, rope, (cache.k[i], cache.v[i]) if cache is not None else None, start, return_attn)
             attn.append(att)
         return self.head(self.ln_f(x)), attn  # (B, t, V)
 
