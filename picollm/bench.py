@@ -60,6 +60,28 @@ def _sync_for(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
+def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None],
+                         warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each fn, timed in rounds (one call of each per round, after `warmup` calls
+    each), so a load change on a shared machine falls on every contender alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _dtype_name(dtype: Optional[torch.dtype]) -> str:
+    return "fp32" if dtype in (None, torch.float32) else {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def matmul_peak_gflops(dtype: torch.dtype, device: str) -> float:
     n, repeats = PEAK_MATMUL_N, 5
     a = torch.randn(n, n, device=device).to(dtype)
@@ -123,26 +145,27 @@ def bench_train(device: str, quick: bool, precision: str = "auto", compile: bool
     sync = _sync_for(device)
     amp = resolve_precision(precision, device)
     peak = matmul_peak_gflops(amp or torch.float32, device)
-    out = {}
+    models, fns = {}, {}
     for name, cfg in t4_model_configs().items():
-        model = build_model(cfg).to(device)
-        fn = _train_step_fn(model, data, T4_BATCH, device, precision)
+        models[name] = model = build_model(cfg).to(device)
         if compile and name == "transformer":
             from .train import maybe_compile
-            model_c = maybe_compile(model)
-            fn = _train_step_fn(model_c, data, T4_BATCH, device, precision)
-        t = _median_time(fn, repeats, warmup, sync)
-        tps = T4_BATCH * T / t
-        out[name] = {"tokens_per_s": tps, "mfu": model.flops_per_token() * tps / (peak * 1e9),
-                     "params": num_params(model),
-                     "precision": "fp32" if amp is None else str(amp).replace("torch.", "")}
+            model = maybe_compile(model)
+        fns[name] = _train_step_fn(model, data, T4_BATCH, device, precision)
     ref_mod = _load_bench_module("reference_gpt")
+    if ref_mod is not None:
+        models["reference_gpt"] = ref = ref_mod.ReferenceGPT(V, T, T4["n_layer"], T4["n_head"], T4["n_embd"]).to(device)
+        fns["reference_gpt"] = _train_step_fn(ref, data, T4_BATCH, device, "fp32")
+    t = _interleaved_medians(fns, repeats, sync, warmup)
+    out = {}
+    for name, model in models.items():
+        tps = T4_BATCH * T / t[name]
+        out[name] = {"tokens_per_s": tps, "params": num_params(model), "precision": "fp32"}
+        if name != "reference_gpt":
+            out[name].update(mfu=model.flops_per_token() * tps / (peak * 1e9), precision=_dtype_name(amp))
     if ref_mod is None:
         out["reference_gpt"] = {"tokens_per_s": None}
     else:
-        ref = ref_mod.ReferenceGPT(V, T, T4["n_layer"], T4["n_head"], T4["n_embd"]).to(device)
-        t = _median_time(_train_step_fn(ref, data, T4_BATCH, device, "fp32"), repeats, warmup, sync)
-        out["reference_gpt"] = {"tokens_per_s": T4_BATCH * T / t, "params": num_params(ref), "precision": "fp32"}
         out["transformer"]["speedup_vs_reference"] = out["transformer"]["tokens_per_s"] / out["reference_gpt"]["tokens_per_s"]
     return out
 
@@ -181,50 +204,70 @@ def bench_quality(device: str, steps: int) -> dict:
 
 
 @torch.no_grad()
-def bench_generate(device: str, quick: bool) -> dict:
+def bench_generate(device: str, quick: bool, precision: str = "auto") -> dict:
+    """256 new tokens after a 16-token prompt, top-p 0.95, batch 1, T4 Transformer. Ours runs in the
+    precision `pico-llm generate` uses (--precision auto: bf16 weights where the hardware runs bf16
+    fast), and in fp32; HF generate on the same-size LlamaForCausalLM in fp32 (its default) and in our
+    precision. All contenders are timed in interleaved rounds."""
+    import copy
+
     from .sampling import generate, sample_next
 
     torch.manual_seed(0)
     cfg = t4_model_configs()["transformer"]
     model = build_model(cfg).to(device).eval()
+    dtype = resolve_precision(precision, device)
+    ours = model if dtype is None else copy.deepcopy(model).to(dtype)
     prompt = torch.randint(cfg.vocab_size, (1, 16), device=device)
     n_new = 256
     scfg = SampleConfig(max_new_tokens=n_new, top_p=0.95, seed=0)
-    repeats = 3 if quick else 5
-    sync = _sync_for(device)
-    t_cache = _median_time(lambda: generate(model, prompt, scfg), repeats, 1, sync)
 
     def recompute():
         g = torch.Generator(device=device).manual_seed(0)
         idx = prompt
         for _ in range(n_new):
-            logits = model(idx[:, -cfg.block_size:])[:, -1, :]
+            logits = ours(idx[:, -cfg.block_size:])[:, -1, :]
             idx = torch.cat([idx, sample_next(logits, scfg, g)[:, None]], dim=1)
         return idx
 
-    t_re = _median_time(recompute, max(1, repeats // 2), 1, sync)
-    out = {"kv_cache_tokens_per_s": n_new / t_cache, "recompute_tokens_per_s": n_new / t_re, "hf_tokens_per_s": None}
-    out["kv_cache_vs_recompute"] = out["kv_cache_tokens_per_s"] / out["recompute_tokens_per_s"]
+    fns: dict[str, Callable[[], object]] = {"kv_cache": lambda: generate(ours, prompt, scfg), "recompute": recompute}
+    if dtype is not None:
+        fns["kv_cache_fp32"] = lambda: generate(model, prompt, scfg)
+    note = None
     try:
         import transformers  # optional extra
     except ImportError:
-        out["hf_note"] = "transformers not installed (pip install -e .[hf])"
+        note = "transformers not installed (pip install -e .[hf])"
+    else:
+        hf_cfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd,
+                                          intermediate_size=model.blocks[0].mlp.proj.in_features,
+                                          num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                                          num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size * 2,
+                                          tie_word_embeddings=True)
+        hf = transformers.LlamaForCausalLM(hf_cfg).to(device).eval()
+
+        def hf_generate(m):
+            torch.manual_seed(0)
+            return m.generate(prompt, do_sample=True, top_p=0.95, top_k=0, max_new_tokens=n_new,
+                              min_new_tokens=n_new, eos_token_id=None, pad_token_id=0)
+
+        fns["hf"] = lambda: hf_generate(hf)
+        if dtype is not None:
+            hf_low = copy.deepcopy(hf).to(dtype)
+            fns["hf_same_precision"] = lambda: hf_generate(hf_low)
+    t = _interleaved_medians(fns, 3 if quick else 5, _sync_for(device))
+    rate = {name: n_new / sec for name, sec in t.items()}
+    out = {"precision": _dtype_name(dtype), "kv_cache_tokens_per_s": rate["kv_cache"],
+           "recompute_tokens_per_s": rate["recompute"], "hf_tokens_per_s": rate.get("hf"),
+           "kv_cache_fp32_tokens_per_s": rate.get("kv_cache_fp32", rate["kv_cache"]),
+           "hf_same_precision_tokens_per_s": rate.get("hf_same_precision", rate.get("hf"))}
+    out["kv_cache_vs_recompute"] = out["kv_cache_tokens_per_s"] / out["recompute_tokens_per_s"]
+    if note:
+        out["hf_note"] = note
         return out
-    hf_cfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd,
-                                      intermediate_size=model.blocks[0].mlp.proj.in_features,
-                                      num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                                      num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size * 2,
-                                      tie_word_embeddings=True)
-    hf = transformers.LlamaForCausalLM(hf_cfg).to(device).eval()
-
-    def hf_generate():
-        torch.manual_seed(0)
-        return hf.generate(prompt, do_sample=True, top_p=0.95, top_k=0, max_new_tokens=n_new, min_new_tokens=n_new,
-                           eos_token_id=None, pad_token_id=0)
-
-    t_hf = _median_time(hf_generate, repeats, 1, sync)
-    out["hf_tokens_per_s"] = n_new / t_hf
-    out["kv_cache_vs_hf"] = out["kv_cache_tokens_per_s"] / out["hf_tokens_per_s"]
+    out["kv_cache_vs_hf"] = out["kv_cache_tokens_per_s"] / out["hf_tokens_per_s"]  # each tool's default
+    out["kv_cache_vs_hf_same_precision"] = out["kv_cache_tokens_per_s"] / out["hf_same_precision_tokens_per_s"]
+    out["fp32_vs_hf_fp32"] = out["kv_cache_fp32_tokens_per_s"] / out["hf_tokens_per_s"]
     return out
 
 
@@ -299,7 +342,7 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
     log("test loss after the same steps ...")
     res["quality"] = bench_quality(device, QUALITY_STEPS[quick])
     log("generation ...")
-    res["generate"] = bench_generate(device, quick)
+    res["generate"] = bench_generate(device, quick, precision)
     log("k-gram vs the starter's loop ...")
     res["kgram_vs_loop"] = bench_kgram_vs_loop(quick, precision)
     log("tokenizer throughput ...")
@@ -339,9 +382,12 @@ def format_report(res: dict) -> str:
     if "reference_gpt" in q:
         lines.append(f"test loss after {q['steps']} steps: transformer {q['transformer']['test_loss']:.4f}, "
                      f"reference {q['reference_gpt']['test_loss']:.4f}")
-    hf = f", HF generate {g['hf_tokens_per_s']:,.0f} ({g['kv_cache_vs_hf']:.1f}x)" if g.get("hf_tokens_per_s") else ""
-    lines.append(f"generate 256 tokens: KV cache {g['kv_cache_tokens_per_s']:,.0f} tok/s, recompute "
-                 f"{g['recompute_tokens_per_s']:,.0f} ({g['kv_cache_vs_recompute']:.1f}x){hf}")
+    lines.append(f"generate 256 tokens ({g['precision']}): KV cache {g['kv_cache_tokens_per_s']:,.0f} tok/s, recompute "
+                 f"{g['recompute_tokens_per_s']:,.0f} ({g['kv_cache_vs_recompute']:.1f}x)")
+    if g.get("hf_tokens_per_s"):
+        lines.append(f"  vs HF generate: fp32 {g['hf_tokens_per_s']:,.0f} tok/s ({g['kv_cache_vs_hf']:.1f}x), "
+                     f"{g['precision']} {g['hf_same_precision_tokens_per_s']:,.0f} ({g['kv_cache_vs_hf_same_precision']:.1f}x); "
+                     f"ours in fp32 {g['kv_cache_fp32_tokens_per_s']:,.0f} ({g['fp32_vs_hf_fp32']:.1f}x HF fp32)")
     kg = res["kgram_vs_loop"]
     if kg.get("ratio"):
         lines.append(f"k-gram fwd+bwd: {kg['ours_s'] * 1e3:.1f} ms vs starter loop {kg['loop_s']:.1f} s ({kg['ratio']:,.0f}x)")

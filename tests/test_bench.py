@@ -14,13 +14,17 @@ def test_bench_json_shape(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "QUALITY_STEPS", {True: 3, False: 3})
     monkeypatch.setattr(bench, "PEAK_MATMUL_N", 256)
     out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--json", str(out), "--precision", "fp32"]) == 0
+    assert main(["bench", "--quick", "--json", str(out), "--precision", "bf16"]) == 0
     res = json.loads(out.read_text())
     for fam in ("transformer", "lstm", "kgram"):
         assert res["train"][fam]["tokens_per_s"] > 0 and 0 < res["train"][fam]["mfu"]
+        assert res["train"][fam]["precision"] == "bf16"
     assert res["train"]["reference_gpt"]["tokens_per_s"] > 0
     g = res["generate"]
     assert g["kv_cache_tokens_per_s"] > 0 and g["recompute_tokens_per_s"] > 0 and "hf_tokens_per_s" in g
+    assert g["precision"] == "bf16" and g["kv_cache_fp32_tokens_per_s"] > 0  # ours in bf16 and in fp32
+    if g["hf_tokens_per_s"] is not None:  # the hf extra is installed: HF in fp32 and in bf16
+        assert g["hf_same_precision_tokens_per_s"] > 0 and g["kv_cache_vs_hf"] > 0
     assert res["kgram_vs_loop"]["ratio"] > 0
     assert res["data"]["tokenize_mb_per_s"] > 0
     assert res["peak_gflops"]["fp32"] > 0 and res["peak_gflops"]["bf16"] > 0

@@ -106,3 +106,31 @@ def test_held_out_continuation_accuracy_beats_a_trivial_baseline(tmp_path):
     acc = summary["continuation_accuracy"]
     print(f"continuation accuracy {acc:.3f}, repeat-last baseline {baseline:.3f}")
     assert acc >= 0.5 and acc >= baseline + 0.3
+    # sampling in bf16 weights (generate's --precision auto on bf16 hardware) keeps the results
+    from picollm.metrics import continuation_accuracy
+
+    model, tok, _ = ckpt.load_run(str(tmp_path / "acc"))
+    acc32 = continuation_accuracy(model, tok, docs)
+    acc16 = continuation_accuracy(model.to(torch.bfloat16), tok, docs)
+    print(f"loaded model: continuation accuracy fp32 {acc32:.3f}, bf16 weights {acc16:.3f}")
+    assert abs(acc16 - acc32) <= 0.02
+
+
+def test_generate_precision_bf16_gives_the_fp32_greedy_text(tmp_path, capsys, monkeypatch):
+    import picollm.sampling
+
+    data, tcfg, mcfg, run = tiny_run(tmp_path, "g", steps=40)
+    train(mcfg, data, tcfg, run, progress=False, log=lambda s: None)
+    real, dtypes, out = picollm.sampling.generate_text, [], {}
+
+    def spy(model, *args, **kw):
+        dtypes.append(next(model.parameters()).dtype)
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(picollm.sampling, "generate_text", spy)
+    for p in ("fp32", "bf16"):
+        assert main(["generate", run, "--greedy", "--max_new_tokens", "12", "--precision", p]) == 0
+        out[p] = capsys.readouterr().out
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert out["fp32"].startswith("0 1 2") and len(out["fp32"]) > len("0 1 2\n")
+    assert out["bf16"] == out["fp32"]
