@@ -170,22 +170,23 @@ def bench_train(device: str, quick: bool, precision: str = "auto", compile: bool
     return out
 
 
-def bench_quality(device: str, steps: int) -> dict:
-    """Test loss after the same number of steps, ours (default settings) vs the fp32 reference, on the
-    numeric corpus with a 4096-id BPE: speed must not cost quality."""
+def bench_quality(device: str, steps: int) -> tuple[dict, torch.nn.Module]:
+    """Test loss after the same number of steps, ours (default settings) vs the fp32 reference, both at
+    T4 (vocab 4096) on the numeric corpus with a BPE of at most 4096 ids: speed must not cost quality.
+    Returns (results, our trained model), which the generation bench samples from."""
     from .data.batches import Batcher
     from .data.corpus import build_corpus
     from .config import DataConfig
     from .metrics import evaluate_sources
 
-    corpus = build_corpus(DataConfig(dataset="numbers", tokenizer="bpe", vocab_size=4096, seed=0))
-    V = corpus.tokenizer.vocab_size
-    results = {}
+    V = T4["vocab_size"]
+    corpus = build_corpus(DataConfig(dataset="numbers", tokenizer="bpe", vocab_size=V, seed=0))
+    results, trained = {}, None
     ref_mod = _load_bench_module("reference_gpt")
     for name in ("transformer", "reference_gpt"):
         torch.manual_seed(0)
         if name == "transformer":
-            model = build_model(dataclasses.replace(t4_model_configs()["transformer"], vocab_size=V)).to(device)
+            model = trained = build_model(t4_model_configs()["transformer"]).to(device)
             precision = "auto"
         elif ref_mod is not None:
             model = ref_mod.ReferenceGPT(V, T4["block_size"], T4["n_layer"], T4["n_head"], T4["n_embd"]).to(device)
@@ -197,25 +198,30 @@ def bench_quality(device: str, steps: int) -> dict:
         model.train()
         for _ in range(steps):
             train_step(*(t.to(device) for t in batcher.next_batch()))
+        model.eval()
         r = evaluate_sources(model, corpus.sources, T4["block_size"], T4_BATCH, 8, device)
         results[name] = {"test_loss": r["test_loss"], "precision": precision}
     results["steps"] = steps
-    return results
+    results["tokenizer_vocab"] = corpus.tokenizer.vocab_size
+    return results, trained
 
 
 @torch.no_grad()
-def bench_generate(device: str, quick: bool, precision: str = "auto") -> dict:
-    """256 new tokens after a 16-token prompt, top-p 0.95, batch 1, T4 Transformer. Ours runs in the
-    precision `pico-llm generate` uses (--precision auto: bf16 weights where the hardware runs bf16
-    fast), and in fp32; HF generate on the same-size LlamaForCausalLM in fp32 (its default) and in our
-    precision. All contenders are timed in interleaved rounds."""
+def bench_generate(device: str, quick: bool, precision: str = "auto", model: Optional[torch.nn.Module] = None) -> dict:
+    """256 new tokens after a 16-token prompt, top-p 0.95, batch 1, T4 Transformer: `model` (trained by
+    bench_quality, so its next-token distributions look like a real model's) or a fresh one. Ours runs
+    in the precision `pico-llm generate` uses (--precision auto: bf16 weights where the hardware runs
+    bf16 fast), and in fp32; HF generate runs a LlamaForCausalLM holding the same weights (our export's
+    mapping), in fp32 (its default) and in our precision. Contenders are timed in interleaved rounds."""
     import copy
 
     from .sampling import generate, sample_next
 
     torch.manual_seed(0)
     cfg = t4_model_configs()["transformer"]
-    model = build_model(cfg).to(device).eval()
+    if model is None:
+        model = build_model(cfg).to(device)
+    model.eval()
     dtype = resolve_precision(precision, device)
     ours = model if dtype is None else copy.deepcopy(model).to(dtype)
     prompt = torch.randint(cfg.vocab_size, (1, 16), device=device)
@@ -239,12 +245,12 @@ def bench_generate(device: str, quick: bool, precision: str = "auto") -> dict:
     except ImportError:
         note = "transformers not installed (pip install -e .[hf])"
     else:
-        hf_cfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd,
-                                          intermediate_size=model.blocks[0].mlp.proj.in_features,
-                                          num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                                          num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size * 2,
-                                          tie_word_embeddings=True)
+        from .export import llama_config, llama_state_dict
+
+        hf_cfg = transformers.LlamaConfig(**{**llama_config(cfg, eot_id=0), "max_position_embeddings": 2 * cfg.block_size})
         hf = transformers.LlamaForCausalLM(hf_cfg).to(device).eval()
+        missing, unexpected = hf.load_state_dict(llama_state_dict(model.state_dict(), cfg), strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied head
 
         def hf_generate(m):
             torch.manual_seed(0)
@@ -340,9 +346,9 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
     log("training tokens/s on T4 ...")
     res["train"] = bench_train(device, quick, precision, compile)
     log("test loss after the same steps ...")
-    res["quality"] = bench_quality(device, QUALITY_STEPS[quick])
+    res["quality"], trained = bench_quality(device, QUALITY_STEPS[quick])
     log("generation ...")
-    res["generate"] = bench_generate(device, quick, precision)
+    res["generate"] = bench_generate(device, quick, precision, trained)
     log("k-gram vs the starter's loop ...")
     res["kgram_vs_loop"] = bench_kgram_vs_loop(quick, precision)
     log("tokenizer throughput ...")

@@ -102,3 +102,24 @@ def test_stop_at_eot():
 
     out = generate(Eot(), torch.tensor([[3, 4]]), SampleConfig(max_new_tokens=10, greedy=True, stop_at_eot=True), eot_id=0)
     assert out[0].tolist() == [3, 4, 0]
+
+
+@pytest.mark.parametrize("scale, width", [(8.0, 256), (0.1, 4096)])  # peaked: nucleus in the top 256; flat: not
+def test_top_p_over_a_large_vocabulary_matches_the_full_sort(monkeypatch, scale, width):
+    """On a CPU top-p first looks among the top NUCLEUS_PROBE ids and sorts everything only when the
+    nucleus is wider: the draws are the same as with a full sort, for the same uniform numbers."""
+    import picollm.sampling as sampling
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 4096) * scale  # distinct values: no ties to order differently
+    cfg = SampleConfig(top_p=0.9)
+    widths = []
+    real = sampling._descending
+    monkeypatch.setattr(sampling, "_descending", lambda probs, p: widths.append(real(probs, p)[0].size(-1)) or real(probs, p))
+    fast = sampling.sample_next(logits, cfg, torch.Generator().manual_seed(3))
+    assert widths == [width]
+    monkeypatch.setattr(sampling, "NUCLEUS_PROBE", 10 ** 9)  # always the full sort
+    full = sampling.sample_next(logits, cfg, torch.Generator().manual_seed(3))
+    assert widths[-1] == 4096
+    assert torch.equal(fast, full)
+    assert len(set(fast.tolist())) > 1
