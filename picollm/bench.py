@@ -8,7 +8,6 @@ both sides of each ratio alike.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -299,7 +298,7 @@ def bench_kgram_vs_loop(quick: bool, precision: str = "auto") -> dict:
 
     t_ours = _median_time(ours_step, 3 if quick else 5, 1, lambda: None)
     out = {"ours_s": t_ours, "loop_s": None, "ratio": None,
-           "precision": "fp32" if resolve_precision(precision, "cpu") is None else "bf16"}
+           "precision": _dtype_name(resolve_precision(precision, "cpu"))}
     if mod is None:
         return out
     starter = mod.StarterKGramMLP(V, k, C, 1)
@@ -353,7 +352,7 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
     res["kgram_vs_loop"] = bench_kgram_vs_loop(quick, precision)
     log("tokenizer throughput ...")
     res["data"] = bench_tokenizer(quick)
-    res["precision"] = "fp32" if amp is None else str(amp).replace("torch.", "")
+    res["precision"] = _dtype_name(amp)
     return res
 
 

@@ -199,9 +199,7 @@ def _load(run: str, device: str = "cpu"):
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .sampling import generate_text, sample_settings
-    from .train import md_cell
-
-    from .train import resolve_precision
+    from .train import md_cell, resolve_precision
 
     model, tok, (mcfg, dcfg, tcfg) = _load(a.run)
     dtype = resolve_precision(a.precision, "cpu")

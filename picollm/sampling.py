@@ -47,16 +47,18 @@ def next_token_distribution(logits: torch.Tensor, cfg: SampleConfig) -> torch.Te
 NUCLEUS_PROBE = 256  # top-p first looks for the nucleus among this many most probable ids
 
 
-def _descending(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities sorted descending, their ids), enough of them to hold the top-p nucleus of every
-    row: on a CPU only the top NUCLEUS_PROBE when they already hold mass p (a full sort of 4096 ids cost
-    ~5x a top-256 right after a decode step), else all of them. On a GPU the full sort is cheap and
-    the check would cost a host sync per token."""
+def _nucleus_prefix(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probabilities sorted descending, their ids, their cumulative sums), enough of them to hold the
+    top-p nucleus of every row: on a CPU only the top NUCLEUS_PROBE when their cumulative mass already
+    reaches p (a full sort of 4096 ids cost ~5x a top-256 right after a decode step), else all of them.
+    On a GPU the full sort is cheap and the check would cost a host sync per token."""
     if probs.device.type == "cpu" and probs.size(-1) > NUCLEUS_PROBE:
         vals, ids = probs.topk(NUCLEUS_PROBE, dim=-1)  # sorted descending
-        if bool((vals.sum(dim=-1) >= p).all()):
-            return vals, ids
-    return torch.sort(probs, dim=-1, descending=True)
+        cum = vals.cumsum(dim=-1)
+        if bool((cum[:, -1] >= p).all()):  # the crossing token is among them in every row
+            return vals, ids, cum
+    vals, ids = torch.sort(probs, dim=-1, descending=True)
+    return vals, ids, vals.cumsum(dim=-1)
 
 
 def sample_next(logits: torch.Tensor, cfg: SampleConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -78,8 +80,7 @@ def sample_next(logits: torch.Tensor, cfg: SampleConfig, generator: Optional[tor
         cum = probs.cumsum(dim=-1)
         j = torch.searchsorted(cum, u * cum[:, -1:], right=True)
         return j.clamp_max(probs.size(-1) - 1).squeeze(-1)
-    sorted_p, order = _descending(probs, cfg.top_p)
-    cum = sorted_p.cumsum(dim=-1)
+    sorted_p, order, cum = _nucleus_prefix(probs, cfg.top_p)
     n_keep = ((cum - sorted_p) < cfg.top_p).sum(dim=-1, keepdim=True)  # the crossing token included
     mass = cum.gather(-1, n_keep - 1)  # probability of the nucleus, (B, 1)
     j = torch.searchsorted(cum, u * mass, right=True).clamp_max(n_keep - 1)

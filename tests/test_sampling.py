@@ -114,8 +114,8 @@ def test_top_p_over_a_large_vocabulary_matches_the_full_sort(monkeypatch, scale,
     logits = torch.randn(64, 4096) * scale  # distinct values: no ties to order differently
     cfg = SampleConfig(top_p=0.9)
     widths = []
-    real = sampling._descending
-    monkeypatch.setattr(sampling, "_descending", lambda probs, p: widths.append(real(probs, p)[0].size(-1)) or real(probs, p))
+    real = sampling._nucleus_prefix
+    monkeypatch.setattr(sampling, "_nucleus_prefix", lambda probs, p: widths.append(real(probs, p)[0].size(-1)) or real(probs, p))
     fast = sampling.sample_next(logits, cfg, torch.Generator().manual_seed(3))
     assert widths == [width]
     monkeypatch.setattr(sampling, "NUCLEUS_PROBE", 10 ** 9)  # always the full sort

@@ -79,6 +79,11 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 # ----------------------------------------------------------------------------- attention
 
 
+def maybe_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout that costs nothing when off (eval, or p = 0): no op is dispatched per token."""
+    return F.dropout(x, p=p) if training and p else x
+
+
 def causal_mask(t: int, start: int, device=None) -> torch.Tensor:
     """(t, start + t) bool, True where query start+i may attend to key j (j <= start + i)."""
     return torch.ones(t, start + t, dtype=torch.bool, device=device).tril(diagonal=start)
@@ -142,7 +147,7 @@ class CausalSelfAttention(nn.Module):
             mask = None if t == 1 else causal_mask(t, start, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = self.proj(y.transpose(1, 2).reshape(B, t, C))  # (B, t, C)
-        return (F.dropout(y, p=self.dropout) if self.training and self.dropout else y), att
+        return maybe_dropout(y, self.dropout, self.training), att
 
 
 # ----------------------------------------------------------------------------- MLP and block
@@ -172,8 +177,7 @@ class MLP(nn.Module):
             h = F.silu(gate) * up
         else:
             h = F.gelu(h)
-        h = self.proj(h)  # (B, T, C)
-        return F.dropout(h, p=self.dropout) if self.training and self.dropout else h
+        return maybe_dropout(self.proj(h), self.dropout, self.training)  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -286,8 +290,7 @@ class Transformer(nn.Module):
             x = x + self.wpe(torch.arange(start, start + t, device=idx.device))  # (t, C) broadcast
         elif self.cfg.pos_emb == "sinusoidal":
             x = x + self.pos_table[start:start + t].to(x.dtype)
-        if self.training and self.cfg.dropout:
-            x = F.dropout(x, p=self.cfg.dropout)
+        x = maybe_dropout(x, self.cfg.dropout, self.training)
         rope = None
         if self.cfg.pos_emb == "rope":  # (t, 1, 1, hs/2): broadcast over batch, {q, k} and heads
             rope = (self.rope_cos[start:start + t, None, None], self.rope_sin[start:start + t, None, None])
