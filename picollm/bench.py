@@ -209,11 +209,13 @@ def bench_quality(device: str, steps: int) -> tuple[dict, torch.nn.Module]:
 def bench_generate(device: str, quick: bool, precision: str = "auto", model: Optional[torch.nn.Module] = None) -> dict:
     """256 new tokens after a 16-token prompt, top-p 0.95, batch 1, T4 Transformer: `model` (trained by
     bench_quality, so its next-token distributions look like a real model's) or a fresh one. Ours runs
-    in the precision `pico-llm generate` uses (--precision auto: bf16 weights where the hardware runs
-    bf16 fast), and in fp32; HF generate runs a LlamaForCausalLM holding the same weights (our export's
-    mapping), in fp32 (its default) and in our precision. Contenders are timed in interleaved rounds."""
+    as `pico-llm generate` runs it (--precision auto: bf16 weights where the hardware runs bf16 fast;
+    --decoder auto: the fused C decode step on a CPU), and also in fp32 and through the PyTorch step;
+    HF generate runs a LlamaForCausalLM holding the same weights (our export's mapping), in fp32 (its
+    default) and in our precision. Contenders are timed in interleaved rounds."""
     import copy
 
+    from .models.fused import fused_unavailable
     from .sampling import generate, sample_next
 
     torch.manual_seed(0)
@@ -235,7 +237,10 @@ def bench_generate(device: str, quick: bool, precision: str = "auto", model: Opt
             idx = torch.cat([idx, sample_next(logits, scfg, g)[:, None]], dim=1)
         return idx
 
+    decoder = "torch" if fused_unavailable(ours) else "fused"
     fns: dict[str, Callable[[], object]] = {"kv_cache": lambda: generate(ours, prompt, scfg), "recompute": recompute}
+    if decoder == "fused":  # the same KV-cache loop through the PyTorch step
+        fns["kv_cache_torch"] = lambda: generate(ours, prompt, scfg, decoder="torch")
     if dtype is not None:
         fns["kv_cache_fp32"] = lambda: generate(model, prompt, scfg)
     note = None
@@ -262,11 +267,13 @@ def bench_generate(device: str, quick: bool, precision: str = "auto", model: Opt
             fns["hf_same_precision"] = lambda: hf_generate(hf_low)
     t = _interleaved_medians(fns, 3 if quick else 5, _sync_for(device))
     rate = {name: n_new / sec for name, sec in t.items()}
-    out = {"precision": _dtype_name(dtype), "kv_cache_tokens_per_s": rate["kv_cache"],
+    out = {"precision": _dtype_name(dtype), "decoder": decoder, "kv_cache_tokens_per_s": rate["kv_cache"],
            "recompute_tokens_per_s": rate["recompute"], "hf_tokens_per_s": rate.get("hf"),
+           "kv_cache_torch_tokens_per_s": rate.get("kv_cache_torch", rate["kv_cache"]),
            "kv_cache_fp32_tokens_per_s": rate.get("kv_cache_fp32", rate["kv_cache"]),
            "hf_same_precision_tokens_per_s": rate.get("hf_same_precision", rate.get("hf"))}
     out["kv_cache_vs_recompute"] = out["kv_cache_tokens_per_s"] / out["recompute_tokens_per_s"]
+    out["kv_cache_torch_vs_recompute"] = out["kv_cache_torch_tokens_per_s"] / out["recompute_tokens_per_s"]
     if note:
         out["hf_note"] = note
         return out
@@ -387,8 +394,12 @@ def format_report(res: dict) -> str:
     if "reference_gpt" in q:
         lines.append(f"test loss after {q['steps']} steps: transformer {q['transformer']['test_loss']:.4f}, "
                      f"reference {q['reference_gpt']['test_loss']:.4f}")
-    lines.append(f"generate 256 tokens ({g['precision']}): KV cache {g['kv_cache_tokens_per_s']:,.0f} tok/s, recompute "
-                 f"{g['recompute_tokens_per_s']:,.0f} ({g['kv_cache_vs_recompute']:.1f}x)")
+    lines.append(f"generate 256 tokens ({g['precision']}, {g['decoder']} decode step): KV cache "
+                 f"{g['kv_cache_tokens_per_s']:,.0f} tok/s, recompute {g['recompute_tokens_per_s']:,.0f} "
+                 f"({g['kv_cache_vs_recompute']:.1f}x)")
+    if g["decoder"] != "torch":
+        lines.append(f"  KV cache through the PyTorch step: {g['kv_cache_torch_tokens_per_s']:,.0f} tok/s "
+                     f"({g['kv_cache_torch_vs_recompute']:.1f}x recompute)")
     if g.get("hf_tokens_per_s"):
         lines.append(f"  vs HF generate: fp32 {g['hf_tokens_per_s']:,.0f} tok/s ({g['kv_cache_vs_hf']:.1f}x), "
                      f"{g['precision']} {g['hf_same_precision_tokens_per_s']:,.0f} ({g['kv_cache_vs_hf_same_precision']:.1f}x); "

@@ -216,10 +216,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
         print("| setting | sample |\n|---|---|")
         for label, cfg in sample_settings(a.compare_p, base):
             n = 1 if cfg.greedy else a.num_samples
-            for text in generate_text(model, tok, prompt, cfg, num_samples=n):
+            for text in generate_text(model, tok, prompt, cfg, num_samples=n, decoder=a.decoder):
                 print(f"| {label} | {md_cell(text)} |")
         return 0
-    for text in generate_text(model, tok, prompt, base, num_samples=a.num_samples):
+    for text in generate_text(model, tok, prompt, base, num_samples=a.num_samples, decoder=a.decoder):
         print(text)
         if a.num_samples > 1:
             print("---")
@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare_p", default=None, help="e.g. greedy,0.2,0.5,0.95,1.0: a Markdown table")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="weights for sampling: auto = bf16 where the hardware runs it fast (as training's autocast), else fp32")
+    g.add_argument("--decoder", choices=["auto", "fused", "torch"], default="auto",
+                   help="Transformer decode step: fused = one C call per token on a CPU (compiled at first use), "
+                        "torch = PyTorch ops; auto = fused where it can serve the model and batch <= 8")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="test loss, perplexity, bits per byte, continuation accuracy")

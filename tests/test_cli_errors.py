@@ -111,6 +111,7 @@ CASES = {
     "temperature < 0": ["generate", "{run}", "--temperature", "-1"],
     "empty prompt (generate)": ["generate", "{run}", "--prompt", ""],
     "bad compare_p": ["generate", "{run}", "--compare_p", "greedy,abc"],
+    "--decoder fused for an LSTM": ["generate", "{run}", "--decoder", "fused"],
     "not a run (generate)": ["generate", "{files}"],
     "missing run (generate)": ["generate", "{files}/nope"],
     "not a run (eval)": ["eval", "{files}"],

@@ -1,0 +1,200 @@
+"""The Transformer's decode step on a CPU as one C call (fused_decode.c), for sampling.
+
+At batch 1 a PyTorch decode step is ~80 small ops dispatched from Python, and on a CPU that dispatch
+costs more than the arithmetic. FusedDecoder runs the same math in one C function (llama2.c's approach)
+on the model's own weights, and offers the models' stepping interface, so generate() drives it like any
+model:
+
+    dec = FusedDecoder(model)                 # a Transformer on the CPU, float32 or bfloat16 weights
+    state = dec.new_state(batch_size)
+    logits, state = dec.step(idx, state)      # logits (B, 1, V) of the last fed position only
+
+The C source is compiled with the system C compiler (`$CC`, else `cc`) at first use, into
+$PICOLLM_CACHE_DIR/kernels (keyed by source, compiler, flags and CPU), and loaded with ctypes.
+`fused_unavailable(model)` says why it cannot serve a model (no compiler, not a CPU Transformer, ...);
+generate() then uses the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+_SOURCE = Path(__file__).with_name("fused_decode.c")
+_FLAGS = [["-O3", "-march=native"], ["-O3"]]  # the second where the compiler lacks -march=native
+
+
+class _Cfg(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in ("n_layer", "n_head", "n_embd", "head_size", "hidden", "vocab",
+                                                     "block_size", "layernorm", "pre_norm", "swiglu", "pos_kind", "bf16")]
+    _fields_ += [("eps", ctypes.c_float)]
+
+
+_lib: Optional[ctypes.CDLL] = None
+_lib_error: Optional[str] = None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _compile(out: Path) -> Optional[str]:
+    """Build the shared library at out; None on success, else the compiler's complaint (one line)."""
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        return f"no C compiler ({cc!r} not found; set CC)"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    err = ""
+    for flags in _FLAGS:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        cmd = [cc, *flags, "-std=gnu99", "-shared", "-fPIC", "-o", tmp, str(_SOURCE), "-lm"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode == 0:
+            os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same file
+            return None
+        os.unlink(tmp)
+        err = (r.stderr.strip().splitlines() or [f"{cc} exited with {r.returncode}"])[-1]
+    return f"compiling {_SOURCE.name} failed: {err}"
+
+
+def _library() -> ctypes.CDLL:
+    """The compiled fused_decode.c, built once per source/compiler/CPU and cached on disk."""
+    global _lib, _lib_error
+    if _lib is not None or _lib_error is not None:
+        if _lib is None:
+            raise RuntimeError(_lib_error)
+        return _lib
+    from ..data.tokenizers import cache_dir
+
+    cc = os.environ.get("CC") or "cc"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        version = ""
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cc, version, repr(_FLAGS), platform.machine(),
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    path = cache_dir() / "kernels" / f"fused_decode-{key}.so"
+    if not path.exists():
+        _lib_error = _compile(path)
+        if _lib_error is not None:
+            raise RuntimeError(_lib_error)
+    lib = ctypes.CDLL(str(path))
+    lib.pico_forward.restype = ctypes.c_int
+    lib.pico_forward.argtypes = [ctypes.POINTER(_Cfg), ctypes.POINTER(ctypes.c_void_p)] + [ctypes.c_void_p] * 4 + \
+        [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.pico_scratch_floats.restype = ctypes.c_int64
+    lib.pico_scratch_floats.argtypes = [ctypes.POINTER(_Cfg), ctypes.c_int]
+    _lib = lib
+    return lib
+
+
+def fused_unavailable(model) -> Optional[str]:
+    """None when FusedDecoder can serve this model, else why not (one line)."""
+    from .transformer import Transformer
+
+    if not isinstance(model, Transformer):
+        return f"the fused decoder serves the Transformer only, not {type(model).__name__}"
+    w = model.blocks[0].attn.qkv.weight
+    if w.device.type != "cpu":
+        return f"the fused decoder runs on the CPU; the model is on {w.device.type}"
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        return f"the fused decoder reads float32 or bfloat16 weights, not {w.dtype}"
+    try:
+        _library()
+    except (RuntimeError, OSError) as e:
+        return str(e)
+    return None
+
+
+@dataclass
+class FusedState:
+    """KV caches (L, B, nh, block_size, hs) in float32, the C code's scratch, and the logits buffer."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    scratch: torch.Tensor
+    logits: torch.Tensor  # (B, 1, V), overwritten by every step
+    pos: int = 0
+
+
+class FusedDecoder:
+    """Stepwise decoding of a Transformer through fused_decode.c (see the module docstring)."""
+
+    def __init__(self, model):
+        reason = fused_unavailable(model)
+        if reason is not None:
+            raise RuntimeError(reason)
+        self.lib = _library()
+        c = model.cfg
+        self.cfg = c
+        self.max_context = c.block_size
+        mlp = model.blocks[0].mlp
+        mat_dtype = model.blocks[0].attn.qkv.weight.dtype
+        self.ccfg = _Cfg(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, head_size=c.head_size,
+                         hidden=mlp.proj.weight.size(1), vocab=c.vocab_size, block_size=c.block_size,
+                         layernorm=int(c.norm == "layernorm"), pre_norm=int(c.norm_placement == "pre"),
+                         swiglu=int(mlp.swiglu), pos_kind={"learned": 1, "sinusoidal": 1, "rope": 2}.get(c.pos_emb, 0),
+                         bf16=int(mat_dtype == torch.bfloat16), eps=c.norm_eps)
+        self._keep: list[torch.Tensor] = []  # every tensor a pointer refers to
+
+        def mat(t):  # a matmul weight, read in place in its own dtype
+            return self._ptr(t.detach().to(mat_dtype).contiguous())
+
+        def small(t):  # norm weights, biases, position tables: float32 copies
+            return None if t is None else self._ptr(t.detach().float().contiguous())
+
+        def norm(m):
+            return (small(m.weight), small(getattr(m, "bias", None))) if isinstance(m, torch.nn.Module) and \
+                hasattr(m, "weight") else (None, None)
+
+        pos = model.wpe.weight if model.wpe is not None else getattr(model, "pos_table", None)
+        ptrs = [mat(model.wte.weight), small(pos), small(getattr(model, "rope_cos", None)),
+                small(getattr(model, "rope_sin", None)), *norm(model.ln_f), mat(model.head.weight)]
+        for blk in model.blocks:
+            a, m = blk.attn, blk.mlp
+            ptrs += [*norm(blk.ln_1), mat(a.qkv.weight), small(a.qkv.bias), mat(a.proj.weight), small(a.proj.bias),
+                     *norm(blk.ln_2), mat(m.fc.weight), small(m.fc.bias), mat(m.proj.weight), small(m.proj.bias)]
+        self.weights = (ctypes.c_void_p * len(ptrs))(*ptrs)
+
+    def _ptr(self, t: torch.Tensor) -> int:
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def new_state(self, batch_size: int, device=None) -> FusedState:
+        c = self.cfg
+        shape = (c.n_layer, batch_size, c.n_head, c.block_size, c.head_size)
+        n_scratch = self.lib.pico_scratch_floats(ctypes.byref(self.ccfg), batch_size)
+        return FusedState(torch.zeros(shape), torch.zeros(shape), torch.zeros(n_scratch),
+                          torch.empty(batch_size, 1, c.vocab_size))
+
+    def step(self, idx: torch.Tensor, state: FusedState):
+        """Feed idx (B, t) after the state.pos tokens already cached; returns (logits (B, 1, V) of the
+        last position, state). The logits tensor is the state's buffer: the next step overwrites it."""
+        B, t = idx.shape
+        if state.pos + t > self.cfg.block_size:
+            raise ValueError(f"KV cache full: {state.pos} cached + {t} new tokens > block_size "
+                             f"{self.cfg.block_size}; start a new state with the last tokens")
+        if B != state.k.size(1):
+            raise ValueError(f"batch size {B} does not match the state's {state.k.size(1)}")
+        idx = idx.to(torch.int64).contiguous()
+        rc = self.lib.pico_forward(ctypes.byref(self.ccfg), self.weights, state.k.data_ptr(), state.v.data_ptr(),
+                                   state.scratch.data_ptr(), idx.data_ptr(), B, t, state.pos, state.logits.data_ptr())
+        if rc != 0:
+            raise IndexError(f"token ids must be in [0, {self.cfg.vocab_size}), got {idx.min().item()}..{idx.max().item()}")
+        state.pos += t
+        return state.logits, state
