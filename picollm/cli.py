@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights for sampling: auto = bf16 where the hardware runs it fast (as training's autocast), else fp32")
     g.add_argument("--decoder", choices=["auto", "fused", "torch"], default="auto",
                    help="Transformer decode step: fused = one C call per token on a CPU (compiled at first use), "
-                        "torch = PyTorch ops; auto = fused where it can serve the model and batch <= 8")
+                        "torch = PyTorch ops; auto = fused where it can serve the model and batch <= 4")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="test loss, perplexity, bits per byte, continuation accuracy")

@@ -88,10 +88,11 @@ def sample_next(logits: torch.Tensor, cfg: SampleConfig, generator: Optional[tor
 
 
 DECODERS = ("auto", "fused", "torch")
-# "auto" takes the fused step up to this batch size. Measured per decode step on T4 in bf16 (2 cores):
-# batch 1 146 vs 1014 us (PyTorch), 4: 495 vs 1351, 16: 2636 vs 2372. The C step is one thread of plain
-# FMAs, so it wins where PyTorch's dispatch dominates, and its cost grows with the batch.
-FUSED_MAX_BATCH = 8
+# "auto" takes the fused step up to this batch size. `python bench/decode_step.py` (2 cores): the fused
+# step was faster at batch <= 4 in every case (T4 and a GPT-2-small-size model, bf16 and fp32 weights:
+# 1.5-10.7x); at batch 8 it lost for the larger model in bf16 (0.87x), where PyTorch's bf16 matmuls
+# (AMX) win once there are enough rows; the C step computes in float32 FMAs.
+FUSED_MAX_BATCH = 4
 
 
 def decoder_for(model, decoder: str = "auto", batch_size: int = 1):

@@ -9,8 +9,10 @@ model:
     state = dec.new_state(batch_size)
     logits, state = dec.step(idx, state)      # logits (B, 1, V) of the last fed position only
 
-The C source is compiled with the system C compiler (`$CC`, else `cc`) at first use, into
-$PICOLLM_CACHE_DIR/kernels (keyed by source, compiler, flags and CPU), and loaded with ctypes.
+The C source is compiled with the system C compiler (`$CC`, else `cc`; -O3 -march=native -fopenmp, fewer
+flags where those fail) at first use, into $PICOLLM_CACHE_DIR/kernels (keyed by source, compiler, flags
+and CPU), and loaded with ctypes. Its OpenMP threads come from the libgomp torch has already loaded, so
+torch.set_num_threads governs both.
 `fused_unavailable(model)` says why it cannot serve a model (no compiler, not a CPU Transformer, ...);
 generate() then uses the PyTorch path.
 """
@@ -31,7 +33,7 @@ from typing import Optional
 import torch
 
 _SOURCE = Path(__file__).with_name("fused_decode.c")
-_FLAGS = [["-O3", "-march=native"], ["-O3"]]  # the second where the compiler lacks -march=native
+_FLAGS = [["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"]]  # the second where the compiler lacks -march=native
 
 
 class _Cfg(ctypes.Structure):
@@ -72,13 +74,7 @@ def _compile(out: Path) -> Optional[str]:
     return f"compiling {_SOURCE.name} failed: {err}"
 
 
-def _library() -> ctypes.CDLL:
-    """The compiled fused_decode.c, built once per source/compiler/CPU and cached on disk."""
-    global _lib, _lib_error
-    if _lib is not None or _lib_error is not None:
-        if _lib is None:
-            raise RuntimeError(_lib_error)
-        return _lib
+def _load() -> ctypes.CDLL:
     from ..data.tokenizers import cache_dir
 
     cc = os.environ.get("CC") or "cc"
@@ -90,17 +86,30 @@ def _library() -> ctypes.CDLL:
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     path = cache_dir() / "kernels" / f"fused_decode-{key}.so"
     if not path.exists():
-        _lib_error = _compile(path)
-        if _lib_error is not None:
-            raise RuntimeError(_lib_error)
+        error = _compile(path)
+        if error is not None:
+            raise RuntimeError(error)
     lib = ctypes.CDLL(str(path))
     lib.pico_forward.restype = ctypes.c_int
     lib.pico_forward.argtypes = [ctypes.POINTER(_Cfg), ctypes.POINTER(ctypes.c_void_p)] + [ctypes.c_void_p] * 4 + \
         [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.pico_scratch_floats.restype = ctypes.c_int64
     lib.pico_scratch_floats.argtypes = [ctypes.POINTER(_Cfg), ctypes.c_int]
-    _lib = lib
     return lib
+
+
+def _library() -> ctypes.CDLL:
+    """The compiled fused_decode.c, built once per source/compiler/CPU and cached on disk; the first
+    failure (no compiler, unwritable cache, ...) is remembered for the rest of the process."""
+    global _lib, _lib_error
+    if _lib is None and _lib_error is None:
+        try:
+            _lib = _load()
+        except (RuntimeError, OSError) as e:
+            _lib_error = str(e)
+    if _lib is None:
+        raise RuntimeError(_lib_error)
+    return _lib
 
 
 def fused_unavailable(model) -> Optional[str]:
@@ -116,7 +125,7 @@ def fused_unavailable(model) -> Optional[str]:
         return f"the fused decoder reads float32 or bfloat16 weights, not {w.dtype}"
     try:
         _library()
-    except (RuntimeError, OSError) as e:
+    except RuntimeError as e:
         return str(e)
     return None
 
@@ -158,9 +167,8 @@ class FusedDecoder:
         def small(t):  # norm weights, biases, position tables: float32 copies
             return None if t is None else self._ptr(t.detach().float().contiguous())
 
-        def norm(m):
-            return (small(m.weight), small(getattr(m, "bias", None))) if isinstance(m, torch.nn.Module) and \
-                hasattr(m, "weight") else (None, None)
+        def norm(m):  # (weight, bias); neither for the Identity that stands in for a post-norm's final norm
+            return (small(m.weight), small(getattr(m, "bias", None))) if hasattr(m, "weight") else (None, None)
 
         pos = model.wpe.weight if model.wpe is not None else getattr(model, "pos_table", None)
         ptrs = [mat(model.wte.weight), small(pos), small(getattr(model, "rope_cos", None)),

@@ -4,7 +4,8 @@
    overhead costs more than the arithmetic. This file does the same math in one pass (the approach of
    llama2.c's run.c), reading the model's own weight tensors in place. picollm/models/fused.py compiles
    it with the system C compiler at first use, loads it with ctypes and falls back to PyTorch when it
-   cannot. Plain C99: no Python or torch headers, so it compiles in about a second.
+   cannot. Plain C with OpenMP pragmas (ignored where the compiler lacks -fopenmp): no Python or torch
+   headers, so it compiles in about a second.
 
    Weights: the matmul weights (embedding, q/k/v, projections, MLP, head) are float32 or bfloat16, as the
    model holds them; norms, biases and position tables come as float32. Activations, the KV cache and all
@@ -76,14 +77,27 @@ static float dot_bf16(const uint16_t *w, const float *x, int n) {
     return s;
 }
 
-/* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out; W is (n_out, n_in), row-major. */
+/* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out; W is (n_out, n_in), row-major.
+   Rows are split across the OpenMP threads (torch's own libgomp, already loaded, so one thread pool).
+   With several rows of x a bf16 weight row is widened to float32 once, not once per row of x. */
 static void matvec(float *out, const void *W, int bf16, const float *bias, const float *x, int B, int n_out, int n_in) {
-    for (int j = 0; j < n_out; j++) {
-        for (int b = 0; b < B; b++) {
-            const float *xb = x + (size_t)b * n_in;
-            float s = bf16 ? dot_bf16((const uint16_t *)W + (size_t)j * n_in, xb, n_in)
-                           : dot_f32((const float *)W + (size_t)j * n_in, xb, n_in);
-            out[(size_t)b * n_out + j] = bias ? s + bias[j] : s;
+    const int widen = bf16 && B > 1 && n_in <= 16384;  /* a float32 row on each thread's stack */
+#pragma omp parallel
+    {
+        float wrow[widen ? n_in : 1];
+#pragma omp for schedule(static)
+        for (int j = 0; j < n_out; j++) {
+            const float *wf = (const float *)W + (size_t)j * n_in;
+            const uint16_t *wh = (const uint16_t *)W + (size_t)j * n_in;
+            if (widen) {
+                for (int i = 0; i < n_in; i++) wrow[i] = bf16_to_f32(wh[i]);
+                wf = wrow;
+            }
+            for (int b = 0; b < B; b++) {
+                const float *xb = x + (size_t)b * n_in;
+                float s = bf16 && !widen ? dot_bf16(wh, xb, n_in) : dot_f32(wf, xb, n_in);
+                out[(size_t)b * n_out + j] = bias ? s + bias[j] : s;
+            }
         }
     }
 }
