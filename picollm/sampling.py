@@ -126,9 +126,9 @@ def generate(model, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int] 
     With cfg.stop_at_eot, generation stops once every row has produced eot (later tokens are eot).
     decoder: see decoder_for (by default a Transformer on a CPU decodes through the fused C step).
     """
+    stepper = decoder_for(model, decoder, idx.size(0))
     was_training = model.training
     model.eval()
-    stepper = decoder_for(model, decoder, idx.size(0))
     device = idx.device
     gen = None
     if cfg.seed is not None:

@@ -23,6 +23,12 @@ def test_bench_json_shape(tmp_path, monkeypatch, capsys):
     g = res["generate"]
     assert g["kv_cache_tokens_per_s"] > 0 and g["recompute_tokens_per_s"] > 0 and "hf_tokens_per_s" in g
     assert g["precision"] == "bf16" and g["kv_cache_fp32_tokens_per_s"] > 0  # ours in bf16 and in fp32
+    from picollm.models.fused import fused_unavailable
+
+    # the fused decode step where this machine can build it, and the PyTorch step timed beside it
+    assert g["decoder"] == ("torch" if fused_unavailable(bench.build_model(bench.t4_model_configs()["transformer"]))
+                            else "fused")
+    assert g["kv_cache_torch_tokens_per_s"] > 0 and g["kv_cache_torch_vs_recompute"] > 0
     if g["hf_tokens_per_s"] is not None:  # the hf extra is installed: HF in fp32 and in bf16
         assert g["hf_same_precision_tokens_per_s"] > 0 and g["kv_cache_vs_hf"] > 0
     assert res["kgram_vs_loop"]["ratio"] > 0
