@@ -68,15 +68,22 @@ def test_fused_step_with_bf16_weights_is_the_float32_math_on_the_rounded_weights
     assert (got - m(idx)[:, 4:]).abs().max() > 1e-3
 
 
-def test_generate_draws_the_same_tokens_through_either_decoder():
+def test_generate_draws_the_same_tokens_through_either_decoder(monkeypatch):
     cfg = ModelConfig(vocab_size=50, block_size=16, n_embd=32, n_layer=2, n_head=2)
     m = perturbed(cfg, seed=3)
     prompt = torch.randint(50, (2, 5))
-    for scfg in (SampleConfig(max_new_tokens=40, greedy=True),  # 40 > block_size: the window slides twice
+    fused_steps, real_step = [], FusedDecoder.step
+    monkeypatch.setattr(FusedDecoder, "step", lambda self, idx, st: fused_steps.append(idx.size(1)) or real_step(self, idx, st))
+    for scfg in (SampleConfig(max_new_tokens=40, greedy=True),  # 40 > block_size: the window slides
                  SampleConfig(max_new_tokens=40, top_p=0.9, temperature=1.3, seed=7),
                  SampleConfig(max_new_tokens=40, top_k=5, seed=11)):
+        fused_steps.clear()
         a = generate(m, prompt, scfg, decoder="fused")
+        # the prefix, then one call per new token but the last: single tokens, or the window rebuilt
+        # from the last block_size // 2 tokens
+        assert fused_steps[0] == 5 and len(fused_steps) == 40 and set(fused_steps[1:]) == {1, 8}
         b = generate(m, prompt, scfg, decoder="torch")
+        assert len(fused_steps) == 40  # the PyTorch path never touched it
         assert a.shape == (2, 45)
         assert torch.equal(a, b), scfg
 

@@ -140,6 +140,9 @@ class FusedState:
     logits: torch.Tensor  # (B, 1, V), overwritten by every step
     pos: int = 0
 
+    def __post_init__(self):  # the C step's (k, v, scratch) pointers, taken once instead of every step
+        self.buffers = (self.k.data_ptr(), self.v.data_ptr(), self.scratch.data_ptr())
+
 
 class FusedDecoder:
     """Stepwise decoding of a Transformer through fused_decode.c (see the module docstring)."""
@@ -159,6 +162,7 @@ class FusedDecoder:
                          layernorm=int(c.norm == "layernorm"), pre_norm=int(c.norm_placement == "pre"),
                          swiglu=int(mlp.swiglu), pos_kind={"learned": 1, "sinusoidal": 1, "rope": 2}.get(c.pos_emb, 0),
                          bf16=int(mat_dtype == torch.bfloat16), eps=c.norm_eps)
+        self._ccfg_ref = ctypes.byref(self.ccfg)  # made once: it is an argument of every step
         self._keep: list[torch.Tensor] = []  # every tensor a pointer refers to
 
         def mat(t):  # a matmul weight, read in place in its own dtype
@@ -186,7 +190,7 @@ class FusedDecoder:
     def new_state(self, batch_size: int, device=None) -> FusedState:
         c = self.cfg
         shape = (c.n_layer, batch_size, c.n_head, c.block_size, c.head_size)
-        n_scratch = self.lib.pico_scratch_floats(ctypes.byref(self.ccfg), batch_size)
+        n_scratch = self.lib.pico_scratch_floats(self._ccfg_ref, batch_size)
         return FusedState(torch.zeros(shape), torch.zeros(shape), torch.zeros(n_scratch),
                           torch.empty(batch_size, 1, c.vocab_size))
 
@@ -200,8 +204,8 @@ class FusedDecoder:
         if B != state.k.size(1):
             raise ValueError(f"batch size {B} does not match the state's {state.k.size(1)}")
         idx = idx.to(torch.int64).contiguous()
-        rc = self.lib.pico_forward(ctypes.byref(self.ccfg), self.weights, state.k.data_ptr(), state.v.data_ptr(),
-                                   state.scratch.data_ptr(), idx.data_ptr(), B, t, state.pos, state.logits.data_ptr())
+        rc = self.lib.pico_forward(self._ccfg_ref, self.weights, *state.buffers, idx.data_ptr(), B, t, state.pos,
+                                   state.logits.data_ptr())
         if rc != 0:
             raise IndexError(f"token ids must be in [0, {self.cfg.vocab_size}), got {idx.min().item()}..{idx.max().item()}")
         state.pos += t
