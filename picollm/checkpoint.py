@@ -22,15 +22,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
-from contextlib import contextmanager
-from typing import Any
 
 import torch
 
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import PicoError
+from .fsio import atomic_path, fsync_dir, write_json, write_text
 
 CONFIG, TOKENIZER, WEIGHTS, TRAINER = "config.json", "tokenizer.json", "model.safetensors", "trainer.pt"
 METRICS, SUMMARY, SAMPLES, LOSS_PLOT = "metrics.jsonl", "summary.json", "samples.md", "loss.png"
@@ -38,49 +36,6 @@ PENDING = ".checkpoint-"  # RUN/.checkpoint-STEP.tmp/ while written, RUN/.checkp
 # Test hook: at the first save that replaces an earlier checkpoint, touch this path and pause (for up to
 # PAUSE_S seconds) with the new checkpoint half written, so a test can kill the process there.
 PAUSE_ENV, PAUSE_S = "PICOLLM_TEST_PAUSE_IN_CHECKPOINT", 120.0
-
-
-def _fsync_dir(d: str) -> None:
-    """Makes renames in d durable (where the platform allows opening a directory)."""
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_path(path: str):
-    """Yields a temporary path beside `path`; on success fsyncs it and renames it over `path`."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run directory is meant to be shared
-        os.replace(tmp, path)
-        _fsync_dir(d)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path: str, obj: Any) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def write_text(path: str, text: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -204,7 +159,7 @@ def commit_pending(run_dir: str) -> None:
         for name in (TRAINER, WEIGHTS):
             if os.path.isfile(os.path.join(d, name)):
                 os.replace(os.path.join(d, name), os.path.join(run_dir, name))
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -234,14 +189,14 @@ def save_checkpoint(run_dir: str, model: torch.nn.Module, trainer_state: dict) -
             os.fsync(f.fileno())
         _test_pause(run_dir)
         _save_weights_file(model, os.path.join(tmp, WEIGHTS), step)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, a lost mount: the previous one stays
         shutil.rmtree(tmp, ignore_errors=True)
         why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else "")
         raise PicoError(f"{run_dir}: cannot write the step-{step} checkpoint ({type(e).__name__}: {why[:100]}); "
                         "the previous checkpoint is kept") from None
     os.rename(tmp, done)  # the commit point
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     commit_pending(run_dir)
 
 

@@ -11,6 +11,8 @@ from .errors import PicoError
 
 MODELS = ("lstm", "kgram", "transformer")
 TOKENIZERS = ("bpe", "gpt2", "byte")
+EOT = "<|endoftext|>"  # the one special token: separates documents, ends generation
+MIN_BPE_VOCAB = 257  # 256 byte-level tokens + EOT
 
 # Architecture styles (sizes come from n_layer / n_head / n_embd). Explicit flags override these.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -71,7 +73,8 @@ class DataConfig(_JSON):
                "--limit_custom_examples must be >= 1")
         _check(self.numbers_count >= 1, "--numbers_count must be >= 1")
         _check(self.tinystories_subset >= 1, "--tinystories_subset must be >= 1")
-        _check(self.vocab_size >= 260, f"--vocab_size must be >= 260 (bytes plus specials), got {self.vocab_size}")
+        _check(self.vocab_size >= MIN_BPE_VOCAB,
+               f"--vocab_size must be >= {MIN_BPE_VOCAB} (256 bytes + {EOT}), got {self.vocab_size}")
         if self.dataset == "files":
             _check(bool(self.input_files or self.input_dir or self.tinystories_weight > 0),
                    "no training data: give --input_files, --input_dir, --tinystories_weight > 0 or --dataset numbers")

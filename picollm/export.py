@@ -25,11 +25,10 @@ from typing import Callable
 
 import torch
 
-from .config import ModelConfig
+from .config import EOT, ModelConfig
 from .errors import PicoError
 
 LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
-EOT = "<|endoftext|>"
 
 
 def hf_architecture(cfg: ModelConfig) -> str:

@@ -16,9 +16,9 @@ import socket
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
+from ..config import EOT
 from ..errors import PicoError
 
-EOT = "<|endoftext|>"
 
 # --------------------------------------------------------------------------- numeric sequences
 

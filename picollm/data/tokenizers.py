@@ -24,9 +24,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+from ..config import EOT, MIN_BPE_VOCAB
 from ..errors import PicoError
+from ..fsio import cache_dir, write_text
 
-EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 PathLike = Union[str, Path]
 
@@ -41,12 +42,6 @@ _TIKTOKEN_DEADLINE_S = 60.0  # tiktoken fetches with `requests` and no timeout; 
 def _ids(ids) -> list[int]:
     """Token ids from a list, tuple, numpy array or tensor."""
     return ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    from ..checkpoint import write_text  # the project's one atomic writer (tmp, fsync, rename)
-
-    write_text(str(path), text)
 
 
 class Tokenizer(ABC):
@@ -73,7 +68,7 @@ class Tokenizer(ABC):
         """The content of a run's tokenizer.json."""
 
     def save(self, run_dir: PathLike) -> None:
-        _write_atomic(Path(run_dir) / TOKENIZER_FILE, self.to_json())
+        write_text(Path(run_dir) / TOKENIZER_FILE, self.to_json())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
@@ -134,10 +129,6 @@ class BPETokenizer(Tokenizer):
         return self.hf.to_str()
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PICOLLM_CACHE_DIR") or Path.home() / ".cache" / "picollm")
-
-
 def _bpe_key(texts: Sequence[str], vocab_size: int) -> str:
     import tokenizers
 
@@ -178,7 +169,7 @@ def train_bpe(texts: Sequence[str], vocab_size: int = 4096) -> BPETokenizer:
             pass
     tok = BPETokenizer(_train_bpe(texts, vocab_size))
     try:
-        _write_atomic(path, tok.to_json())
+        write_text(path, tok.to_json())
     except OSError:
         pass  # an unwritable cache costs a retrain next time, nothing more
     return tok
@@ -289,8 +280,8 @@ def build_tokenizer(name: str, train_texts: Optional[Iterable[str]] = None, voca
     if name == "gpt2":
         return gpt2_tokenizer(gpt2_dir)
     if name == "bpe":
-        if vocab_size < 257:
-            raise PicoError(f"--vocab_size must be >= 257 for bpe (256 bytes + {EOT}), got {vocab_size}")
+        if vocab_size < MIN_BPE_VOCAB:
+            raise PicoError(f"--vocab_size must be >= {MIN_BPE_VOCAB} for bpe (256 bytes + {EOT}), got {vocab_size}")
         return train_bpe(list(train_texts or []), vocab_size)
     raise PicoError(f"unknown tokenizer {name!r}; choose one of: bpe, gpt2, byte")
 

@@ -9,6 +9,8 @@ generation through the same two methods, so one sampling loop serves them all:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch.nn as nn
 
 from ..config import ModelConfig
@@ -30,3 +32,14 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 def num_params(model: nn.Module) -> int:
     """Distinct parameters (a tied head counts once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """model.eval() for the block, its earlier mode restored afterwards, on an error too."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -32,6 +32,9 @@ from typing import Optional
 
 import torch
 
+from ..device import cpu_flags
+from ..fsio import cache_dir
+
 _SOURCE = Path(__file__).with_name("fused_decode.c")
 _FLAGS = [["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"]]  # the second where the compiler lacks -march=native
 
@@ -44,14 +47,6 @@ class _Cfg(ctypes.Structure):
 
 _lib: Optional[ctypes.CDLL] = None
 _lib_error: Optional[str] = None
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
 
 
 def _compile(out: Path) -> Optional[str]:
@@ -75,7 +70,6 @@ def _compile(out: Path) -> Optional[str]:
 
 
 def _load() -> ctypes.CDLL:
-    from ..data.tokenizers import cache_dir
 
     cc = os.environ.get("CC") or "cc"
     try:
@@ -83,7 +77,7 @@ def _load() -> ctypes.CDLL:
     except OSError:
         version = ""
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), cc, version, repr(_FLAGS), platform.machine(),
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
+                                    cpu_flags()]).encode()).hexdigest()[:16]
     path = cache_dir() / "kernels" / f"fused_decode-{key}.so"
     if not path.exists():
         error = _compile(path)

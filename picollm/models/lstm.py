@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
+from ..device import cpu_runs_bf16_rnn
 
 
 class LSTMLM(nn.Module):
@@ -29,7 +30,11 @@ class LSTMLM(nn.Module):
 
     def step(self, idx: torch.Tensor, state):
         x = self.embedding(idx)  # (B, t, C)
-        out, state = self.lstm(x, state)  # (B, t, H), ((L, B, H), (L, B, H))
+        if x.is_cpu and torch.is_autocast_enabled("cpu") and not cpu_runs_bf16_rnn():
+            with torch.autocast("cpu", enabled=False):  # oneDNN has no bf16 LSTM without AVX-512: fp32 here
+                out, state = self.lstm(x.float(), state)
+        else:
+            out, state = self.lstm(x, state)  # (B, t, H), ((L, B, H), (L, B, H))
         return self.head(out), state  # (B, t, V)
 
     def flops_per_token(self) -> int:
