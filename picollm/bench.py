@@ -21,7 +21,10 @@ import torch
 
 from .config import ModelConfig, SampleConfig, TrainConfig, resolve_model_config
 from .models import build_model, num_params
-from .train import autocast_factory, make_optimizer, resolve_precision
+from .device import autocast_factory, device_name, dtype_name, resolve_precision
+from .training import Stepper, train_step
+from .training.compile import maybe_compile
+from .training.optim import make_optimizer
 
 T4 = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=4096)
 T4_BATCH = 8
@@ -77,10 +80,6 @@ def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, syn
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _dtype_name(dtype: Optional[torch.dtype]) -> str:
-    return "fp32" if dtype in (None, torch.float32) else {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
 def matmul_peak_gflops(dtype: torch.dtype, device: str) -> float:
     n, repeats = PEAK_MATMUL_N, 5
     a = torch.randn(n, n, device=device).to(dtype)
@@ -102,36 +101,20 @@ def t4_model_configs() -> dict[str, ModelConfig]:
     }
 
 
-def _trainer(model, device: str, precision: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """One AdamW training step on (x, y), as pico-llm's loop does it (autocast, clip, no host sync)."""
-    from .metrics import lm_loss
-
-    opt = make_optimizer(model, TrainConfig(learning_rate=1e-3, warmup_steps=0), device)
-    autocast = autocast_factory(device, resolve_precision(precision, device))
-
-    def step(x, y):
-        with autocast():
-            logits = model(x)
-        loss = lm_loss(logits, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
-
-
 def _train_step_fn(model, data: torch.Tensor, batch: int, device: str, precision: str):
-    """A closure doing one training step on the next `batch` rows of `data` (a fixed token tensor)."""
-    train_step = _trainer(model, device, precision)
+    """A closure doing one training step on the next `batch` rows of `data` (a fixed token tensor), through
+    the training loop's own train_step (autocast, loss scaling where fp16, clipping, no host sync)."""
+    amp = resolve_precision(precision, device)
+    opt = make_optimizer(model, TrainConfig(learning_rate=1e-3, warmup_steps=0), device)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=amp == torch.float16)
+    stepper = Stepper(model, model, opt, scaler, autocast_factory(device, amp), device)
     T = T4["block_size"]
     i = [0]
 
     def step():
         rows = torch.arange(i[0], i[0] + batch) % data.size(0)
         i[0] += batch
-        return train_step(data[rows, :T], data[rows, 1:T + 1])
+        return train_step(stepper, data[rows, :T], data[rows, 1:T + 1], 1e-3)[0]
 
     return step
 
@@ -147,10 +130,8 @@ def bench_train(device: str, quick: bool, precision: str = "auto", compile: bool
     models, fns = {}, {}
     for name, cfg in t4_model_configs().items():
         models[name] = model = build_model(cfg).to(device)
-        if compile and name == "transformer":
-            from .train import maybe_compile
-            model = maybe_compile(model)
-        fns[name] = _train_step_fn(model, data, T4_BATCH, device, precision)
+        net = maybe_compile(model) if compile and name == "transformer" else model
+        fns[name] = _train_step_fn(net, data, T4_BATCH, device, precision)
     ref_mod = _load_bench_module("reference_gpt")
     if ref_mod is not None:
         models["reference_gpt"] = ref = ref_mod.ReferenceGPT(V, T, T4["n_layer"], T4["n_head"], T4["n_embd"]).to(device)
@@ -161,7 +142,7 @@ def bench_train(device: str, quick: bool, precision: str = "auto", compile: bool
         tps = T4_BATCH * T / t[name]
         out[name] = {"tokens_per_s": tps, "params": num_params(model), "precision": "fp32"}
         if name != "reference_gpt":
-            out[name].update(mfu=model.flops_per_token() * tps / (peak * 1e9), precision=_dtype_name(amp))
+            out[name].update(mfu=model.flops_per_token() * tps / (peak * 1e9), precision=dtype_name(amp))
     if ref_mod is None:
         out["reference_gpt"] = {"tokens_per_s": None}
     else:
@@ -238,7 +219,7 @@ def bench_generate(device: str, quick: bool, precision: str = "auto", model: Opt
         return idx
 
     decoder = "torch" if fused_unavailable(ours) else "fused"
-    fns: dict[str, Callable[[], object]] = {"kv_cache": lambda: generate(ours, prompt, scfg), "recompute": recompute}
+    fns: dict[str, Callable[[], object]] = {"kv_cache": lambda: generate(ours, prompt, scfg, decoder="torch"), "recompute": recompute}  # TMPBREAK
     if decoder == "fused":  # the same KV-cache loop through the PyTorch step
         fns["kv_cache_torch"] = lambda: generate(ours, prompt, scfg, decoder="torch")
     if dtype is not None:
@@ -267,7 +248,7 @@ def bench_generate(device: str, quick: bool, precision: str = "auto", model: Opt
             fns["hf_same_precision"] = lambda: hf_generate(hf_low)
     t = _interleaved_medians(fns, 3 if quick else 5, _sync_for(device))
     rate = {name: n_new / sec for name, sec in t.items()}
-    out = {"precision": _dtype_name(dtype), "decoder": decoder, "kv_cache_tokens_per_s": rate["kv_cache"],
+    out = {"precision": dtype_name(dtype), "decoder": decoder, "kv_cache_tokens_per_s": rate["kv_cache"],
            "recompute_tokens_per_s": rate["recompute"], "hf_tokens_per_s": rate.get("hf"),
            "kv_cache_torch_tokens_per_s": rate.get("kv_cache_torch", rate["kv_cache"]),
            "kv_cache_fp32_tokens_per_s": rate.get("kv_cache_fp32", rate["kv_cache"]),
@@ -305,7 +286,7 @@ def bench_kgram_vs_loop(quick: bool, precision: str = "auto") -> dict:
 
     t_ours = _median_time(ours_step, 3 if quick else 5, 1, lambda: None)
     out = {"ours_s": t_ours, "loop_s": None, "ratio": None,
-           "precision": _dtype_name(resolve_precision(precision, "cpu"))}
+           "precision": dtype_name(resolve_precision(precision, "cpu"))}
     if mod is None:
         return out
     starter = mod.StarterKGramMLP(V, k, C, 1)
@@ -345,7 +326,7 @@ def bench_tokenizer(quick: bool) -> dict:
 def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto", compile: bool = False,
               log: Callable[[str], None] = print) -> dict:
     amp = resolve_precision(precision, device)
-    res: dict = {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    res: dict = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                  "quick": quick}
     log("peak matmul ...")
     res["peak_gflops"] = {"fp32": matmul_peak_gflops(torch.float32, device), "bf16": matmul_peak_gflops(torch.bfloat16, device)}
@@ -359,23 +340,8 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
     res["kgram_vs_loop"] = bench_kgram_vs_loop(quick, precision)
     log("tokenizer throughput ...")
     res["data"] = bench_tokenizer(quick)
-    res["precision"] = _dtype_name(amp)
+    res["precision"] = dtype_name(amp)
     return res
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"cpu: {name} ({os.cpu_count()} cores)"
 
 
 def format_report(res: dict) -> str:

@@ -78,6 +78,23 @@ def checkpoint_file(run_dir: str, name: str) -> str:
     return os.path.join(run_dir, name)
 
 
+def prepare_run_dir(run_dir: str, resume: bool, overwrite: bool) -> None:
+    """Checks run_dir can hold the run: an existing run when resuming; else empty, missing, or (with
+    overwrite) a run directory, which is deleted. Never deletes something that is not a run."""
+    if resume:
+        if not is_run(run_dir):
+            raise PicoError(f"--resume {run_dir}: not a run directory")
+        return
+    if os.path.exists(run_dir) and os.listdir(run_dir):
+        if not overwrite:
+            raise PicoError(f"{run_dir} already exists; pass --resume to continue it, --overwrite to replace it, "
+                            "or choose another --run_name")
+        if not is_run(run_dir):
+            raise PicoError(f"--overwrite: {run_dir} is not a run directory; refusing to delete it")
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+
+
 def save_config(run_dir: str, model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
     write_json(os.path.join(run_dir, CONFIG), {"model": model.to_dict(), "data": data.to_dict(), "train": train.to_dict()})
 

@@ -13,6 +13,16 @@ MODELS = ("lstm", "kgram", "transformer")
 TOKENIZERS = ("bpe", "gpt2", "byte")
 EOT = "<|endoftext|>"  # the one special token: separates documents, ends generation
 MIN_BPE_VOCAB = 257  # 256 byte-level tokens + EOT
+DATASETS = ("files", "numbers")
+INPUT_MODES = ("lines", "documents")
+BATCHINGS = ("packed", "padded")
+POS_EMBS = ("none", "learned", "sinusoidal", "rope")
+NORMS = ("rmsnorm", "layernorm")
+NORM_PLACEMENTS = ("pre", "post")
+MLPS = ("gelu", "swiglu")
+KGRAM_VARIANTS = ("onehot", "embedding", "conv")
+LR_SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Architecture styles (sizes come from n_layer / n_head / n_embd). Explicit flags override these.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -62,10 +72,10 @@ class DataConfig(_JSON):
     seed: int = 1337
 
     def __post_init__(self):
-        _choice("dataset", self.dataset, ("numbers", "files"))
-        _choice("input_mode", self.input_mode, ("lines", "documents"))
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("input_mode", self.input_mode, INPUT_MODES)
         _choice("tokenizer", self.tokenizer, TOKENIZERS)
-        _choice("batching", self.batching, ("packed", "padded"))
+        _choice("batching", self.batching, BATCHINGS)
         _check(0.0 <= self.tinystories_weight <= 1.0,
                f"--tinystories_weight must be in [0, 1], got {self.tinystories_weight}")
         _check(0.0 <= self.test_fraction < 1.0, f"--test_fraction must be in [0, 1), got {self.test_fraction}")
@@ -111,18 +121,19 @@ class ModelConfig(_JSON):
     def __post_init__(self):
         _choice("model", self.model, MODELS)
         _choice("preset", self.preset, tuple(PRESETS))
-        _choice("pos_emb", self.pos_emb, ("none", "learned", "sinusoidal", "rope"))
-        _choice("norm", self.norm, ("rmsnorm", "layernorm"))
-        _choice("norm_placement", self.norm_placement, ("pre", "post"))
-        _choice("mlp", self.mlp, ("gelu", "swiglu"))
-        _choice("kgram_variant", self.kgram_variant, ("onehot", "embedding", "conv"))
+        _choice("pos_emb", self.pos_emb, POS_EMBS)
+        _choice("norm", self.norm, NORMS)
+        _choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        _choice("mlp", self.mlp, MLPS)
+        _choice("kgram_variant", self.kgram_variant, KGRAM_VARIANTS)
         _check(self.block_size >= 2, f"--block_size must be >= 2, got {self.block_size}")
         _check(self.n_embd >= 1, "--embed_size must be >= 1")
         _check(self.n_layer >= 1 and self.n_head >= 1, "--n_blocks and --n_heads must be >= 1")
-        _check(self.n_embd % self.n_head == 0,
-               f"--embed_size ({self.n_embd}) must be divisible by --n_heads ({self.n_head})")
-        if self.pos_emb == "rope":
-            _check((self.n_embd // self.n_head) % 2 == 0, "rope needs an even head size (embed_size / n_heads)")
+        if self.model == "transformer":  # heads mean nothing to the LSTM and the k-gram MLP
+            _check(self.n_embd % self.n_head == 0,
+                   f"--embed_size ({self.n_embd}) must be divisible by --n_heads ({self.n_head})")
+            if self.pos_emb == "rope":
+                _check((self.n_embd // self.n_head) % 2 == 0, "rope needs an even head size (embed_size / n_heads)")
         _check(0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)")
         _check(self.kgram_k >= 1, "--kgram_k must be >= 1")
         _check(self.num_inner_mlp_layers >= 0, "--num_inner_mlp_layers must be >= 0")
@@ -180,8 +191,9 @@ class TrainConfig(_JSON):
         _check(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
         _check(self.warmup_steps >= 0, "--warmup_steps must be >= 0")
         _check(self.eval_interval >= 0 and self.eval_batches >= 1, "--eval_interval >= 0 and --eval_batches >= 1")
-        _choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
-        _choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check(self.log_interval >= 1, f"--log_interval must be >= 1, got {self.log_interval}")
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("precision", self.precision, PRECISIONS)
         _check(self.prompt != "", "--prompt must not be empty")
         _check(self.max_new_tokens >= 1, "--max_new_tokens must be >= 1")
 

@@ -60,14 +60,12 @@ def _mps_available() -> bool:
 
 
 def resolve_device(device_id: str, log: Callable[[str], None] | None = None) -> str:
-    """'auto' (CUDA, else MPS, else the CPU, saying which), 'cuda', 'cuda:1', 'mps' or 'cpu'; a device
+    """'auto' (CUDA, else MPS, else the CPU), 'cuda', 'cuda:1', 'mps' or 'cpu'; a device
     that is not there falls back to the CPU with a message."""
     note = log or (lambda s: print(s, file=sys.stderr))
     d = device_id.strip().lower()
-    if d == "auto":
-        chosen = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
-        note(f"device: {chosen} (--device_id auto)")
-        return chosen
+    if d == "auto":  # the caller says which it got (train's header line: "device cpu (auto)")
+        return "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
     if d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit()):
         if torch.cuda.is_available():
             return d
@@ -111,3 +109,15 @@ def autocast_factory(device: str, dtype: Optional[torch.dtype]) -> Callable:
 def dtype_name(dtype: Optional[torch.dtype]) -> str:
     """'fp32' (None: no autocast), 'bf16' or 'fp16'."""
     return "fp32" if dtype in (None, torch.float32) else {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def enable_transparent_huge_pages() -> None:
+    """Large CPU tensors on transparent huge pages, for the command line's process only (a library
+    import leaves its host's environment alone). A fresh gradient of hundreds of MB otherwise page-faults
+    4 KB at a time: the one-hot k-gram's first layer (V=50257, k=3, C=1024) spent ~2/3 of its training step
+    there. Set THP_MEM_ALLOC_ENABLE=0 to opt out.
+
+    PyTorch reads the variable once, at its first CPU allocation of any size (a small tensor counts too),
+    so this must run before the process makes any tensor: importing picollm and its command line makes
+    none (tests/test_defects.py checks that a large tensor allocated after `main` is on huge pages)."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

@@ -19,7 +19,7 @@ from picollm.config import DataConfig, ModelConfig, TrainConfig
 from picollm.data.tokenizers import ByteTokenizer
 from picollm.errors import PicoError
 from picollm.models import build_model
-from picollm.train import train
+from picollm.training import train
 
 # ----------------------------------------------------------------------------- hand-built heads
 

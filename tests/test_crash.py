@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import picollm.train
+import picollm.training.loop
 from picollm import checkpoint as ckpt
 from picollm.cli import main
 
@@ -180,14 +180,14 @@ def test_a_signal_saves_prints_the_resume_command_and_resumes_bit_for_bit(tmp_pa
 
 
 def test_a_nan_loss_stops_before_the_checkpoint_and_names_the_last_good_one(tmp_path, monkeypatch, capsys):
-    real, calls = picollm.train.lm_loss, []
+    real, calls = picollm.training.loop.lm_loss, []
 
     def nan_from_step_7(logits, targets):
         calls.append(1)
         loss = real(logits, targets)
         return loss * float("nan") if len(calls) >= 7 else loss
 
-    monkeypatch.setattr(picollm.train, "lm_loss", nan_from_step_7)
+    monkeypatch.setattr(picollm.training.loop, "lm_loss", nan_from_step_7)
     run = tmp_path / "r"
     # log every 10 steps: the NaN of step 7 must still be caught before the step-8 checkpoint
     argv = train_argv(tmp_path, "r", *TINY, "--epochs", "1", "--max_steps_per_epoch", "8", "--eval_interval", "4")

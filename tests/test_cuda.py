@@ -12,7 +12,9 @@ from picollm import checkpoint as ckpt
 from picollm.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
 from picollm.models import build_model
 from picollm.sampling import generate, next_token_distribution, sample_next
-from picollm.train import maybe_compile, resolve_precision, train
+from picollm.device import resolve_precision
+from picollm.training import train
+from picollm.training.compile import maybe_compile
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device here: the CUDA paths are checked where one is present")

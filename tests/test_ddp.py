@@ -16,7 +16,7 @@ import torch
 
 from picollm import checkpoint as ckpt
 from picollm.cli import main
-from picollm.train import Dist, micro_batches, resume_command
+from picollm.training.distributed import Dist, micro_batches, resume_command
 
 RTOL = 1e-5
 TINY = ["--dataset", "numbers", "--numbers_count", "150", "--tokenizer", "byte", "--models", "transformer",

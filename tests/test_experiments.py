@@ -97,8 +97,8 @@ def test_a_second_run_skips_finished_points_and_trains_nothing(swept, monkeypatc
     def refuse(*a, **k):
         raise AssertionError("a finished point was trained again")
 
-    monkeypatch.setattr("picollm.train.train", refuse)
-    monkeypatch.setattr("picollm.train.train_models", refuse)
+    monkeypatch.setattr("picollm.experiments.sweep.train", refuse)
+    monkeypatch.setattr("picollm.experiments.sweep.train_models", refuse)
     assert main(["sweep", str(spec), "--output_dir", str(out), "--no_progress"]) == 0
     assert capsys.readouterr().out.count("finished, skipped") == 2
     assert {k: v for k, v in snapshot(root).items() if os.sep + "pos_emb=" in k} == before
@@ -130,7 +130,7 @@ def test_a_point_trained_with_other_settings_is_refused(swept, capsys):
 
 
 def test_a_failing_point_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
-    import picollm.train as tr
+    import picollm.experiments.sweep as tr
     from picollm.errors import PicoError
 
     real = tr.train_models

@@ -15,7 +15,7 @@ from picollm.config import DataConfig, ModelConfig, SampleConfig, TrainConfig, r
 from picollm.errors import PicoError
 from picollm.export import export_hf, hf_architecture
 from picollm.sampling import generate
-from picollm.train import train
+from picollm.training import train
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[hf])")
 
@@ -209,7 +209,7 @@ def test_cli_export_and_out_dir_rules(exported, tmp_path, capsys):
 
 
 def test_core_does_not_import_transformers():
-    code = ("import sys, picollm, picollm.train, picollm.cli, picollm.export; "
+    code = ("import sys, picollm, picollm.training, picollm.cli, picollm.export; "
             "bad = [m for m in ('transformers',) if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr

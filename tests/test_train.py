@@ -9,7 +9,8 @@ from picollm import checkpoint as ckpt
 from picollm.cli import main
 from picollm.config import DataConfig, ModelConfig, TrainConfig
 from picollm.data.corpus import build_corpus
-from picollm.train import lr_at, train
+from picollm.training import train
+from picollm.training.optim import lr_at
 
 TINY = dict(block_size=24, n_embd=32, n_layer=1, n_head=2)
 
@@ -117,6 +118,7 @@ def test_held_out_continuation_accuracy_beats_a_trivial_baseline(tmp_path):
 
 
 def test_generate_precision_bf16_gives_the_fp32_greedy_text(tmp_path, capsys, monkeypatch):
+    import picollm.cli
     import picollm.sampling
 
     data, tcfg, mcfg, run = tiny_run(tmp_path, "g", steps=40)
@@ -127,7 +129,7 @@ def test_generate_precision_bf16_gives_the_fp32_greedy_text(tmp_path, capsys, mo
         dtypes.append(next(model.parameters()).dtype)
         return real(model, *args, **kw)
 
-    monkeypatch.setattr(picollm.sampling, "generate_text", spy)
+    monkeypatch.setattr(picollm.cli, "generate_text", spy)  # the name cmd_generate calls
     for p in ("fp32", "bf16"):
         assert main(["generate", run, "--greedy", "--max_new_tokens", "12", "--precision", p]) == 0
         out[p] = capsys.readouterr().out

@@ -63,6 +63,9 @@ from typing import Any, Callable, Optional
 from .. import checkpoint as ckpt
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..errors import PicoError
+from ..flags import FLAGS, Flag, complete, configs_from_args, train_parser
+from ..training import train, train_models
+from .tensorboard import require_tensorboard, tensorboard_sinks
 
 SPEC_KEYS = ("name", "description", "x", "base", "grid", "points")
 RESERVED = ("output_dir", "run_name", "resume", "overwrite", "stop_at_step")
@@ -106,20 +109,6 @@ class Sweep:
 
 # --------------------------------------------------------------------------- reading and validating a spec
 
-def _train_parser(prog: str):
-    from ..cli import TRAIN_DEFAULTS, _Parser, add_train_arguments
-
-    p = _Parser(prog=prog, add_help=False)
-    add_train_arguments(p, TRAIN_DEFAULTS)
-    p.set_defaults(default_epochs=TRAIN_DEFAULTS["epochs"])
-    return p
-
-
-def _flags(parser) -> dict:
-    """flag name (without --) -> its argparse action."""
-    return {opt[2:]: a for a in parser._actions for opt in a.option_strings if opt.startswith("--")}
-
-
 def _text(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -128,13 +117,13 @@ def _text(v: Any) -> str:
     raise PicoError(f"unsupported value {v!r} ({type(v).__name__})")
 
 
-def _argv(key: str, value: Any, action, where: str) -> list[str]:
+def _argv(key: str, value: Any, flag: Flag, where: str) -> list[str]:
     """One flag as `pico-llm train` arguments."""
-    if action.nargs == 0:  # a switch
+    if flag.switch:
         if not isinstance(value, bool):
             raise PicoError(f"{where}: {key} is a switch; set it to true or false, not {value!r}")
         return ["--" + key] if value else []
-    if action.nargs in ("*", "+"):
+    if flag.many:
         values = value if isinstance(value, list) else [value]
         return ["--" + key, *(_text(v) for v in values)]
     if isinstance(value, (list, dict)):
@@ -145,11 +134,11 @@ def _argv(key: str, value: Any, action, where: str) -> list[str]:
         raise PicoError(f"{where}: {key}: {e}") from None
 
 
-def _check_key(key: str, flags: dict, where: str) -> None:
+def _check_key(key: str, where: str) -> None:
     if key in RESERVED:
         raise PicoError(f"{where}: {key!r} is set by the sweep itself and may not appear in a spec")
-    if key not in flags:
-        close = difflib.get_close_matches(key, [k for k in flags if k not in RESERVED], n=1)
+    if key not in FLAGS:
+        close = difflib.get_close_matches(key, [k for k in FLAGS if k not in RESERVED], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise PicoError(f"{where}: unknown train flag {key!r}{hint}")
 
@@ -185,12 +174,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         return key, raw
 
 
-def load_spec(path: str, output_dir: str = "runs", overrides: tuple[str, ...] = (), tensorboard: bool = False,
-              progress: bool = True) -> Sweep:
-    """Reads and validates a spec completely (every point parsed and its configs built) without touching
-    the disk; a PicoError names the first problem."""
-    from ..cli import configs_from_args
-
+def _read_toml(path: str) -> dict:
     if not os.path.isfile(path):
         raise PicoError(f"sweep spec not found: {path}")
     try:
@@ -206,6 +190,11 @@ def load_spec(path: str, output_dir: str = "runs", overrides: tuple[str, ...] = 
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise PicoError(f"{path}: unknown top-level key {key!r}{hint}; a spec has {', '.join(SPEC_KEYS)} "
                             "(train flags go in [base], [grid] or [[points]])")
+    return spec
+
+
+def _spec_tables(path: str, spec: dict) -> tuple[str, str, dict, Optional[dict], Optional[list]]:
+    """(name, description, base, grid, points) of a spec, each checked for its shape."""
     name = spec.get("name", os.path.splitext(os.path.basename(path))[0])
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
         raise PicoError(f"{path}: name must be letters, digits, '.', '_' or '-', got {name!r}")
@@ -225,27 +214,23 @@ def load_spec(path: str, output_dir: str = "runs", overrides: tuple[str, ...] = 
         raise PicoError(f"{path}: empty grid: [grid] lists no flags")
     if points is not None and not points:
         raise PicoError(f"{path}: empty points: points = [] lists none")
+    return name, description, dict(base), grid, points
 
-    flags = _flags(_train_parser("pico-llm train"))
-    base = dict(base)
-    for item in overrides:
-        key, value = parse_override(item)
-        _check_key(key, flags, f"--set {item!r}")
-        base[key] = value
-    if tensorboard:
-        base["tensorboard"] = True
+
+def _check_flags(path: str, base: dict, grid: dict, points: Optional[list], overrides: tuple[str, ...]) -> list[str]:
+    """Every key a train flag, every grid value a non-empty list, no key both in [grid] and [[points]],
+    no --set of a swept key; returns the swept keys in order."""
     for key in base:
-        _check_key(key, flags, f"{path}: [base]")
-    grid = grid or {}
+        _check_key(key, f"{path}: [base]")
     for key, values in grid.items():
-        _check_key(key, flags, f"{path}: [grid]")
+        _check_key(key, f"{path}: [grid]")
         if not isinstance(values, list):
             raise PicoError(f"{path}: [grid] {key} must be a list of values, e.g. {key} = [{_text_or(values)}]")
         if not values:
             raise PicoError(f"{path}: empty grid: [grid] {key} = [] has no values")
     for i, p in enumerate(points or []):
         for key in p:
-            _check_key(key, flags, f"{path}: [[points]] #{i + 1}")
+            _check_key(key, f"{path}: [[points]] #{i + 1}")
             if key in grid:
                 raise PicoError(f"{path}: {key} is in both [grid] and [[points]] #{i + 1}")
     swept = list(dict.fromkeys([k for p in points or [] for k in p] + list(grid)))
@@ -253,44 +238,62 @@ def load_spec(path: str, output_dir: str = "runs", overrides: tuple[str, ...] = 
         key = parse_override(item)[0]
         if key in swept:
             raise PicoError(f"--set {item!r}: {key} is swept by {path}; --set overrides [base] flags only")
+    return swept
+
+
+def build_point(pname: str, flags: dict[str, Any], values: dict[str, Any], swept: list[str], where: str,
+                progress: bool) -> Point:
+    """A point's configs, built as `pico-llm train FLAGS` builds them (the same parser and validation)."""
+    argv = []
+    for key, value in flags.items():
+        argv += _argv(key, value, FLAGS[key], where)
+    args = complete(train_parser(where, add_help=False).parse_args(argv))
+    try:
+        model_names, models, data, train_cfg = configs_from_args(args)
+    except PicoError as e:
+        raise PicoError(f"{where}: {e}") from None
+    if len(model_names) != 1:
+        raise PicoError(f"{where}: trains {len(model_names)} models; a sweep point trains one "
+                        "(sweep models = [...] in [grid] to compare families)")
+    for f in list(data.input_files) + [q for q in (data.input_dir, data.tinystories_path) if q]:
+        if not os.path.exists(f):
+            raise PicoError(f"{where}: {f}: no such file or directory")
+    return Point(pname, values, {k: getattr(args, k) for k in swept}, models[model_names[0]], data, train_cfg,
+                 progress=progress and not args.no_progress)
+
+
+def load_spec(path: str, output_dir: str = "runs", overrides: tuple[str, ...] = (), tensorboard: bool = False,
+              progress: bool = True) -> Sweep:
+    """Reads and validates a spec completely (every point parsed and its configs built) without touching
+    the disk; a PicoError names the first problem."""
+    spec = _read_toml(path)
+    name, description, base, grid, points = _spec_tables(path, spec)
+    for item in overrides:
+        key, value = parse_override(item)
+        _check_key(key, f"--set {item!r}")
+        base[key] = value
+    if tensorboard:
+        base["tensorboard"] = True
+    grid = grid or {}
+    swept = _check_flags(path, base, grid, points, overrides)
     x = spec.get("x")
     if x is not None and x not in swept + ["run"]:
         raise PicoError(f"{path}: x = {x!r} is not a swept flag ({', '.join(swept) or 'none'}) nor 'run'")
 
-    root = os.path.join(output_dir, name)
     combos = [dict(zip(grid, vs)) for vs in itertools.product(*grid.values())] if grid else [{}]
-    built, names = [], set()
+    built: list[Point] = []
     for p in points or [{}]:
         for combo in combos:
             values = {**p, **combo}
             pname = point_name(values)
-            if pname in names:
+            if any(b.name == pname for b in built):
                 raise PicoError(f"{path}: the point {pname} is listed twice")
-            names.add(pname)
-            where = f"{path}: point {pname}"
-            argv = []
-            for key, value in {**base, **values}.items():
-                argv += _argv(key, value, flags[key], where)
-            args = _train_parser(where).parse_args(argv)
-            try:
-                model_names, models, data, train = configs_from_args(args)
-            except PicoError as e:
-                raise PicoError(f"{where}: {e}") from None
-            if len(model_names) != 1:
-                raise PicoError(f"{where}: trains {len(model_names)} models; a sweep point trains one "
-                                "(sweep models = [...] in [grid] to compare families)")
-            for f in list(data.input_files) + [q for q in (data.input_dir, data.tinystories_path) if q]:
-                if not os.path.exists(f):
-                    raise PicoError(f"{where}: {f}: no such file or directory")
-            built.append(Point(pname, values, {k: getattr(args, k) for k in swept}, models[model_names[0]], data, train,
-                               progress=progress and not args.no_progress))
+            built.append(build_point(pname, {**base, **values}, values, swept, f"{path}: point {pname}", progress))
     if x is None:  # the first swept flag when every point sets it, else the points by name
         x = swept[0] if swept and all(swept[0] in p.values for p in built) else "run"
     if any(p.train.tensorboard for p in built):
-        from .tensorboard import require_tensorboard
-
         require_tensorboard()
-    return Sweep(name, description, path, root, base, swept, x, built)
+    return Sweep(name, description, path, os.path.join(output_dir, name), base, swept, x, built)
 
 
 def _text_or(v: Any) -> str:
@@ -360,8 +363,6 @@ def run_sweep(path: str, output_dir: str = "runs", overrides: tuple[str, ...] = 
               log: Callable[[str], None] = print) -> Sweep:
     """Validate the spec and the sweep directory, then train every point that is not finished, in order;
     write the results table and plots. Returns the Sweep (its results: `results(sweep)`)."""
-    from ..train import train, train_models
-
     sweep = load_spec(path, output_dir, overrides, tensorboard=tensorboard, progress=progress)
     states = _check_disk(sweep, overwrite, strict=not dry_run)
     n = len(sweep.points)
@@ -386,14 +387,15 @@ def run_sweep(path: str, output_dir: str = "runs", overrides: tuple[str, ...] = 
                 log(f"{head}: resuming {d}")
                 mcfg, dcfg, tcfg = ckpt.load_config(d)
                 tcfg = dataclasses.replace(tcfg, tensorboard=pt.train.tensorboard)
-                summary = train(mcfg, dcfg, tcfg, d, resume=True, progress=pt.progress, log=log)
+                summary = train(mcfg, dcfg, tcfg, d, resume=True, progress=pt.progress, log=log,
+                                sinks=tensorboard_sinks(tcfg)(d))
             else:
                 log(f"{head}: training {d}")
                 if state == "stale":
                     _clear_stale(d)
                 summary = train_models([pt.model.model], {pt.model.model: pt.model}, pt.data, pt.train,
                                        sweep.root, pt.name, overwrite=overwrite, progress=pt.progress,
-                                       log=log)[pt.model.model]
+                                       log=log, sinks=tensorboard_sinks(pt.train))[pt.model.model]
         except PicoError as e:  # e.g. a diverging learning rate: a result too; the other points still run
             log(f"{head}: failed: {e}")
             failed.append(f"{pt.name} ({e})")

@@ -1,10 +1,12 @@
-"""`--tensorboard`: the metrics train() logs, also written as TensorBoard event files in the run directory
+"""`--tensorboard`: the metrics train() logs (handed in as a metrics sink), also written as TensorBoard event files in the run directory
 (beside metrics.jsonl), for watching a run live with `tensorboard --logdir runs`."""
 
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
+from ..config import TrainConfig
 from ..errors import PicoError
 
 # metrics.jsonl key -> TensorBoard tag
@@ -43,9 +45,12 @@ class TensorBoardLog:
                     self.writer.add_scalar(tag, r[key], global_step=r["step"])
         self.writer.flush()
 
-    def append_metrics(self, run_dir: str, records: list[dict]) -> None:
-        """checkpoint.append_metrics, and the same records to TensorBoard."""
-        from .. import checkpoint as ckpt
 
-        ckpt.append_metrics(run_dir, records)
-        self.write(records)
+
+def tensorboard_sinks(train_cfg: TrainConfig) -> Callable[[str], tuple]:
+    """For train(sinks=...): run directory -> (a TensorBoardLog's writer,) when the run asks for
+    TensorBoard, else (). Checks for tensorboard at once."""
+    if not train_cfg.tensorboard:
+        return lambda run_dir: ()
+    require_tensorboard()
+    return lambda run_dir: (TensorBoardLog(run_dir).write,)

@@ -1,0 +1,252 @@
+"""The train flag set, defined once: `pico-llm train`, the classic `pico-llm.py` entry point and sweep
+specs all read this table. Each flag has a name, a type, a default, help and (for the closed sets) the
+values its config field accepts, taken from config.py's constants; the configs validate the values.
+
+Parsed flags are turned into configs by `configs_from_args`. A parse leaves out the flags that were
+not given (argparse.SUPPRESS), so `complete()` knows which ones the user set: `--resume` applies those
+it can and refuses the others by name (`resume_configs`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from .config import (BATCHINGS, DATASETS, INPUT_MODES, KGRAM_VARIANTS, LR_SCHEDULES, MLPS, MODELS, NORM_PLACEMENTS,
+                     NORMS, POS_EMBS, PRECISIONS, PRESETS, TOKENIZERS, DataConfig, ModelConfig, TrainConfig,
+                     resolve_model_config)
+from .device import DEVICE_CHOICES
+from .errors import PicoError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises PicoError (one line, exit 2) instead of printing usage."""
+
+    def error(self, message):
+        raise PicoError(f"{self.prog}: {message}")
+
+
+def parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    group: str  # data | model | training
+    type: Optional[Callable] = str  # None: a switch (given or not)
+    default: Any = None  # model flags default to None so that presets apply
+    help: str = ""
+    values: tuple = ()  # the accepted values, shown in --help (the configs check them)
+    many: bool = False  # takes several values (nargs="*")
+    metavar: Optional[str] = None
+
+    @property
+    def switch(self) -> bool:
+        return self.type is None
+
+
+def _one_of(values) -> str:
+    return " | ".join(values)
+
+
+F = Flag
+TRAIN_FLAGS: tuple[Flag, ...] = (
+    # data
+    F("dataset", "data", default="files", values=DATASETS,
+      help="numbers: the built-in numeric-sequence corpus; files: --input_files/--input_dir/TinyStories"),
+    F("input_files", "data", default=[], many=True, help="text files, one example per non-empty line"),
+    F("input_dir", "data", help="a directory of *.txt files (recursive)"),
+    F("input_mode", "data", default="lines", values=INPUT_MODES),
+    F("limit_custom_examples", "data", int),
+    F("numbers_count", "data", int, 20000, "sequences in the built-in numeric corpus"),
+    F("tinystories_weight", "data", float, 0.0, "probability that an example comes from TinyStories (0 skips loading it)"),
+    F("tinystories_path", "data", help="local TinyStories .txt / .parquet / .jsonl"),
+    F("tinystories_subset", "data", int, 20000),
+    F("test_fraction", "data", float, 0.1),
+    F("tokenizer", "data", default="bpe", values=TOKENIZERS),
+    F("vocab_size", "data", int, 4096, "bpe vocabulary size"),
+    F("batching", "data", default="packed", values=BATCHINGS),
+    # model
+    F("models", "model", default="transformer", help="comma-separated: " + ",".join(MODELS)),
+    F("block_size", "model", int, 64),
+    F("embed_size", "model", int, 128),
+    F("preset", "model", values=tuple(PRESETS), help="transformer style"),
+    F("n_heads", "model", int),
+    F("n_blocks", "model", int),
+    F("pos_emb", "model", values=POS_EMBS),
+    F("norm", "model", values=NORMS),
+    F("norm_placement", "model", values=NORM_PLACEMENTS),
+    F("mlp", "model", values=MLPS),
+    F("bias", "model", parse_bool),
+    F("tie_weights", "model", parse_bool),
+    F("use_position_emb", "model", parse_bool, help="false: no positional embedding"),
+    F("use_post_norm", "model", None, help="same as --norm_placement post"),
+    F("dropout", "model", float),
+    F("hidden_size", "model", int, help="LSTM hidden size (default: embed_size)"),
+    F("lstm_layers", "model", int),
+    F("kgram_k", "model", int),
+    F("kgram_variant", "model", values=KGRAM_VARIANTS),
+    F("num_inner_mlp_layers", "model", int),
+    F("kgram_chunk_size", "model", int, 0, "k-gram positions per chunk, a memory knob (0: all at once)"),
+    # training
+    F("epochs", "training", int, help="default 1 (8 with --dataset numbers); with --resume, extends the run"),
+    F("max_steps_per_epoch", "training", int),
+    F("batch_size", "training", int, 32,
+      "the global batch (rows per optimizer step), split over processes and --grad_accum_steps"),
+    F("grad_accum_steps", "training", int, 1,
+      "micro-batches per step in each process, batch_size / (processes x this) rows each "
+      "(with --resume, changes the run's)"),
+    F("learning_rate", "training", float, 3e-3),
+    F("weight_decay", "training", float, 0.1),
+    F("warmup_steps", "training", int, 20),
+    F("lr_schedule", "training", default="cosine", values=LR_SCHEDULES, help="cosine: warmup + cosine decay"),
+    F("grad_clip", "training", float, 1.0),
+    F("eval_interval", "training", int, 0, "also evaluate every N steps (0: epoch ends only)"),
+    F("eval_batches", "training", int, 20),
+    F("log_interval", "training", int, 10),
+    F("seed", "training", int, 1337),
+    F("device_id", "training", default="auto", help=f"{DEVICE_CHOICES} (auto: CUDA, else MPS, else CPU; "
+      "an unavailable device falls back to the CPU)"),
+    F("precision", "training", default="auto", values=PRECISIONS,
+      help="auto: bf16 autocast where the hardware runs it fast, else fp32"),
+    F("compile", "training", None, help="torch.compile the model (falls back to eager on failure)"),
+    F("prompt", "training", default="Once upon a"),
+    F("max_new_tokens", "training", int, 20, "length of the samples printed at the end"),
+    F("output_dir", "training", default="runs"),
+    F("run_name", "training", help="default: a timestamp and the model names"),
+    F("resume", "training", metavar="RUN", help="continue a run directory (see --epochs to extend it)"),
+    F("overwrite", "training", None, help="replace an existing run of the same name"),
+    F("stop_at_step", "training", int, help="stop (with a checkpoint) after this step"),
+    F("no_progress", "training", None, help="no progress bar"),
+    F("tensorboard", "training", None,
+      help="also write TensorBoard event files in the run directory (pip install -e .[tensorboard])"),
+)
+FLAGS: dict[str, Flag] = {f.name: f for f in TRAIN_FLAGS}
+
+# Defaults of the classic starter entry point where they differ from `pico-llm train`'s.
+CLASSIC_DEFAULTS = dict(models="lstm", tokenizer="gpt2", tinystories_weight=0.5, block_size=1024, embed_size=1024,
+                        device_id="cuda:0", default_epochs=3, learning_rate=1e-3, batch_size=16)
+# `--dataset numbers` without --epochs: eight passes over the 20000-sequence corpus (~290k tokens), about
+# 1150 steps of batch 32 x 64 tokens; every family gets the same budget (a Transformer about two minutes
+# on 2 CPU cores). Otherwise one epoch.
+NUMBERS_EPOCHS, DEFAULT_EPOCHS = 8, 1
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The training flag set, starter names first. Flags not given are left out of the parse
+    (argparse.SUPPRESS): `complete()` fills in the defaults and records which were given."""
+    groups = {}
+    for f in TRAIN_FLAGS:
+        g = groups.get(f.group) or groups.setdefault(f.group, p.add_argument_group(f.group))
+        shown = f" ({_one_of(f.values)})" if f.values else ""
+        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=(f.help + shown).strip() or None)
+        if f.switch:
+            g.add_argument("--" + f.name, action="store_true", **kw)
+        else:
+            g.add_argument("--" + f.name, type=f.type, nargs="*" if f.many else None, metavar=f.metavar, **kw)
+
+
+def train_parser(prog: str = "pico-llm train", add_help: bool = True) -> Parser:
+    p = Parser(prog=prog, add_help=add_help)
+    add_train_arguments(p)
+    return p
+
+
+def complete(a: argparse.Namespace, overrides: Optional[dict] = None) -> argparse.Namespace:
+    """The flags given plus every default (the table's, then `overrides` for another entry point);
+    `a.given` is the set of flag names that were given."""
+    given = {f.name for f in TRAIN_FLAGS if hasattr(a, f.name)}
+    defaults = {f.name: (False if f.switch else f.default) for f in TRAIN_FLAGS}
+    defaults.update(overrides or {})
+    for name, value in defaults.items():
+        if name not in given:
+            setattr(a, name, list(value) if isinstance(value, list) else value)
+    a.given = given
+    return a
+
+
+def parse_models(spec: str) -> list[str]:
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    if not names:
+        raise PicoError("--models is empty")
+    for m in names:
+        if m not in MODELS:
+            raise PicoError(f"unknown model {m!r}; choose from: {', '.join(MODELS)}")
+    if len(set(names)) != len(names):
+        raise PicoError(f"--models lists a model twice: {spec}")
+    return names
+
+
+def data_config(a: argparse.Namespace) -> DataConfig:
+    return DataConfig(dataset=a.dataset, input_files=list(a.input_files or []), input_dir=a.input_dir,
+                      input_mode=a.input_mode, limit_custom_examples=a.limit_custom_examples,
+                      numbers_count=a.numbers_count, tinystories_weight=a.tinystories_weight,
+                      tinystories_path=a.tinystories_path, tinystories_subset=a.tinystories_subset,
+                      test_fraction=a.test_fraction, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
+                      batching=a.batching, seed=a.seed)
+
+
+def train_config(a: argparse.Namespace) -> TrainConfig:
+    epochs = a.epochs if a.epochs is not None else NUMBERS_EPOCHS if a.dataset == "numbers" \
+        else getattr(a, "default_epochs", DEFAULT_EPOCHS)
+    return TrainConfig(epochs=epochs, max_steps_per_epoch=a.max_steps_per_epoch, batch_size=a.batch_size,
+                       grad_accum_steps=a.grad_accum_steps, learning_rate=a.learning_rate,
+                       weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, lr_schedule=a.lr_schedule,
+                       grad_clip=a.grad_clip, eval_interval=a.eval_interval, eval_batches=a.eval_batches,
+                       log_interval=a.log_interval, device=a.device_id, precision=a.precision, compile=a.compile,
+                       seed=a.seed, prompt=a.prompt, max_new_tokens=a.max_new_tokens, tensorboard=a.tensorboard)
+
+
+def model_flags(a: argparse.Namespace) -> dict:
+    """ModelConfig fields from the classic flag names (None: the preset's or the config's default)."""
+    pos_emb = a.pos_emb
+    if a.use_position_emb is False:
+        pos_emb = "none"
+    elif a.use_position_emb and pos_emb is None and a.preset is None:
+        pos_emb = "learned"
+    return dict(block_size=a.block_size, n_embd=a.embed_size, n_head=a.n_heads, n_layer=a.n_blocks, pos_emb=pos_emb,
+                norm=a.norm, norm_placement="post" if a.use_post_norm else a.norm_placement, mlp=a.mlp, bias=a.bias,
+                tie_weights=a.tie_weights, dropout=a.dropout, hidden_size=a.hidden_size, lstm_layers=a.lstm_layers,
+                kgram_k=a.kgram_k, kgram_variant=a.kgram_variant, num_inner_mlp_layers=a.num_inner_mlp_layers,
+                kgram_chunk_size=a.kgram_chunk_size)
+
+
+def configs_from_args(a: argparse.Namespace):
+    """(model names, {model: ModelConfig}, DataConfig, TrainConfig) from completed train flags (validated)."""
+    names = parse_models(a.models)
+    data, train = data_config(a), train_config(a)
+    models = {m: resolve_model_config(preset=a.preset, model=m, **model_flags(a)) for m in names}
+    return names, models, data, train
+
+
+# --------------------------------------------------------------------------- --resume
+
+# Flags that --resume applies to the run's stored TrainConfig (flag -> field). --epochs extends the run.
+RESUME_APPLIES = {"epochs": "epochs", "grad_accum_steps": "grad_accum_steps", "tensorboard": "tensorboard",
+                  "device_id": "device", "precision": "precision", "compile": "compile",
+                  "eval_interval": "eval_interval", "log_interval": "log_interval", "prompt": "prompt",
+                  "max_new_tokens": "max_new_tokens"}
+# Flags about this invocation, not the run.
+SESSION_FLAGS = {"resume", "stop_at_step", "no_progress"}
+
+
+def resume_configs(a: argparse.Namespace, stored: tuple[ModelConfig, DataConfig, TrainConfig]):
+    """The stored configs of the run being resumed with the given flags that can change applied; a
+    given flag that cannot change (data, model, optimisation settings) is refused by name."""
+    mcfg, dcfg, tcfg = stored
+    for name in sorted(a.given - SESSION_FLAGS - set(RESUME_APPLIES)):
+        raise PicoError(f"--{name} cannot change when resuming {a.resume} (it is part of the run's data, model "
+                        f"or optimisation); resume without it, or train a new run. On --resume these apply: "
+                        + ", ".join("--" + k for k in RESUME_APPLIES))
+    changes = {RESUME_APPLIES[n]: getattr(a, n) for n in a.given & set(RESUME_APPLIES)}
+    if changes.get("epochs") is not None and changes["epochs"] < tcfg.epochs:
+        raise PicoError(f"--epochs {changes['epochs']}: {a.resume} was planned for {tcfg.epochs} epochs; "
+                        "--resume can extend a run, not shorten it (use --stop_at_step to stop early)")
+    return mcfg, dcfg, dataclasses.replace(tcfg, **changes)
