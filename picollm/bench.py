@@ -101,20 +101,26 @@ def t4_model_configs() -> dict[str, ModelConfig]:
     }
 
 
-def _train_step_fn(model, data: torch.Tensor, batch: int, device: str, precision: str):
-    """A closure doing one training step on the next `batch` rows of `data` (a fixed token tensor), through
-    the training loop's own train_step (autocast, loss scaling where fp16, clipping, no host sync)."""
+def _trainer(model, device: str, precision: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(x, y) -> loss: one optimizer step at lr 1e-3 through the training loop's own train_step (autocast,
+    loss scaling where fp16, clipping, no host sync)."""
     amp = resolve_precision(precision, device)
     opt = make_optimizer(model, TrainConfig(learning_rate=1e-3, warmup_steps=0), device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=amp == torch.float16)
     stepper = Stepper(model, model, opt, scaler, autocast_factory(device, amp), device)
+    return lambda x, y: train_step(stepper, x, y, 1e-3)[0]
+
+
+def _train_step_fn(model, data: torch.Tensor, batch: int, device: str, precision: str):
+    """A closure doing one training step on the next `batch` rows of `data` (a fixed token tensor)."""
+    step_on = _trainer(model, device, precision)
     T = T4["block_size"]
     i = [0]
 
     def step():
         rows = torch.arange(i[0], i[0] + batch) % data.size(0)
         i[0] += batch
-        return train_step(stepper, data[rows, :T], data[rows, 1:T + 1], 1e-3)[0]
+        return step_on(data[rows, :T], data[rows, 1:T + 1])
 
     return step
 
@@ -219,7 +225,7 @@ def bench_generate(device: str, quick: bool, precision: str = "auto", model: Opt
         return idx
 
     decoder = "torch" if fused_unavailable(ours) else "fused"
-    fns: dict[str, Callable[[], object]] = {"kv_cache": lambda: generate(ours, prompt, scfg, decoder="torch"), "recompute": recompute}  # TMPBREAK
+    fns: dict[str, Callable[[], object]] = {"kv_cache": lambda: generate(ours, prompt, scfg), "recompute": recompute}
     if decoder == "fused":  # the same KV-cache loop through the PyTorch step
         fns["kv_cache_torch"] = lambda: generate(ours, prompt, scfg, decoder="torch")
     if dtype is not None:
