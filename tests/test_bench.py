@@ -2,13 +2,43 @@
 positive measurement. (Speed itself is never asserted in a unit test: see bench/RESULTS.md.)"""
 
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
 
 import picollm.bench as bench
+import picollm.models.fused as fused
 from picollm.cli import main
 
+TINY_T4 = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=300)
+FUSED_SOURCE = Path(fused.__file__).with_name("fused_decode.c")
 
-def test_bench_json_shape(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "T4", dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=300))
+
+def c_step_builds_here(tmp_path) -> bool:
+    """Whether this machine can build the fused decode step, found out without picollm: compile its C
+    source with the system compiler ($CC, else cc) ourselves. (The bench's model is a CPU Transformer in
+    fp32 or bf16, which the step serves wherever it builds.)"""
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        return False
+    cmd = [cc, "-O0", "-std=gnu99", "-shared", "-fPIC", "-o", str(tmp_path / "probe.so"), str(FUSED_SOURCE), "-lm"]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused decode step's calls, so a test sees which step generation really ran."""
+    calls = []
+    real = fused.FusedDecoder.step
+    monkeypatch.setattr(fused.FusedDecoder, "step", lambda self, idx, st: calls.append(idx.size(1)) or real(self, idx, st))
+    return calls
+
+
+def test_bench_json_shape(tmp_path, monkeypatch, capsys, fused_calls):
+    monkeypatch.setattr(bench, "T4", TINY_T4)
     monkeypatch.setattr(bench, "KGRAM_LOOP", dict(V=500, k=3, C=32, T=8, B=2))
     monkeypatch.setattr(bench, "TOKENIZE_MB", {True: 0.2, False: 0.2})
     monkeypatch.setattr(bench, "QUALITY_STEPS", {True: 3, False: 3})
@@ -23,11 +53,10 @@ def test_bench_json_shape(tmp_path, monkeypatch, capsys):
     g = res["generate"]
     assert g["kv_cache_tokens_per_s"] > 0 and g["recompute_tokens_per_s"] > 0 and "hf_tokens_per_s" in g
     assert g["precision"] == "bf16" and g["kv_cache_fp32_tokens_per_s"] > 0  # ours in bf16 and in fp32
-    from picollm.models.fused import fused_unavailable
-
-    # the fused decode step where this machine can build it, and the PyTorch step timed beside it
-    assert g["decoder"] == ("torch" if fused_unavailable(bench.build_model(bench.t4_model_configs()["transformer"]))
-                            else "fused")
+    # the fused decode step where this machine can build it (and it really ran), and the PyTorch step
+    # timed beside it
+    assert g["decoder"] == ("fused" if c_step_builds_here(tmp_path) else "torch")
+    assert bool(fused_calls) == (g["decoder"] == "fused")
     assert g["kv_cache_torch_tokens_per_s"] > 0 and g["kv_cache_torch_vs_recompute"] > 0
     if g["hf_tokens_per_s"] is not None:  # the hf extra is installed: HF in fp32 and in bf16
         assert g["hf_same_precision_tokens_per_s"] > 0 and g["kv_cache_vs_hf"] > 0
@@ -36,3 +65,22 @@ def test_bench_json_shape(tmp_path, monkeypatch, capsys):
     assert res["peak_gflops"]["fp32"] > 0 and res["peak_gflops"]["bf16"] > 0
     assert res["quality"]["transformer"]["test_loss"] > 0 and res["quality"]["reference_gpt"]["test_loss"] > 0
     assert isinstance(res["device"], str) and "transformer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fused_on", [True, False], ids=["fused-step-builds", "no-fused-step"])
+def test_generate_bench_labels_the_decode_step_it_timed(monkeypatch, tmp_path, fused_calls, fused_on):
+    """The label follows the machine: with the fused step taken away (its build failing, as without a
+    compiler) the bench times and labels the PyTorch step; where it builds, the fused one."""
+    if fused_on and not c_step_builds_here(tmp_path):
+        pytest.skip("no C compiler that builds fused_decode.c here")
+    monkeypatch.setattr(bench, "T4", TINY_T4)
+    if not fused_on:
+        monkeypatch.setattr(fused, "_lib", None)  # forget a library built earlier in this process
+        monkeypatch.setattr(fused, "_lib_error", None)
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        monkeypatch.setenv("PICOLLM_CACHE_DIR", str(tmp_path / "cache"))  # nothing built there
+    g = bench.bench_generate("cpu", quick=True, precision="fp32")
+    assert g["decoder"] == ("fused" if fused_on else "torch")
+    assert bool(fused_calls) == fused_on  # the step it names is the step that ran
+    if not fused_on:  # no fused step: the KV-cache figure is the PyTorch step's
+        assert g["kv_cache_torch_tokens_per_s"] == g["kv_cache_tokens_per_s"]

@@ -39,14 +39,71 @@ def test_top_p_keeps_order_per_row_and_at_least_one():
     assert out.argmax(-1).tolist() == [1, 0]
 
 
+def reference_distribution(probs: list[float], temperature: float = 1.0, top_k=None, top_p=None) -> list[float]:
+    """The sampling distribution written out in plain Python, independently of picollm: temperature
+    (p ** (1/T), renormalised), then the k most probable, then the smallest most-probable set whose mass
+    reaches top_p (the token that crosses it kept), renormalised."""
+    w = [p ** (1.0 / temperature) for p in probs]
+    w = [x / sum(w) for x in w]
+    ranked = sorted(range(len(w)), key=lambda i: -w[i])
+    keep = ranked[:top_k] if top_k is not None else ranked
+    mass = sum(w[i] for i in keep)
+    if top_p is not None:
+        nucleus, acc = [], 0.0
+        for i in keep:
+            nucleus.append(i)
+            acc += w[i] / mass
+            if acc >= top_p - 1e-12:
+                break
+        keep = nucleus
+    total = sum(w[i] for i in keep)
+    return [w[i] / total if i in keep else 0.0 for i in range(len(w))]
+
+
+def production_frequencies(logits: torch.Tensor, cfg: SampleConfig, n: int, seed: int) -> torch.Tensor:
+    """Counts (V,) of n draws by sample_next, the sampler generate() calls for every token."""
+    from picollm.sampling import sample_next
+
+    draws = sample_next(logits.expand(n, logits.size(-1)), cfg, torch.Generator().manual_seed(seed))
+    return torch.bincount(draws, minlength=logits.size(-1)).double()
+
+
+def chi_square(counts: torch.Tensor, want: list[float]) -> float:
+    """Pearson's statistic over the tokens the reference can draw; any draw outside them is infinite."""
+    n = counts.sum().item()
+    stat = 0.0
+    for c, p in zip(counts.tolist(), want):
+        if p == 0:
+            if c:
+                return math.inf
+            continue
+        stat += (c - n * p) ** 2 / (n * p)
+    return stat
+
+
 def test_sampling_frequencies_follow_the_nucleus():
     cfg = SampleConfig(top_p=0.6)
-    g = torch.Generator().manual_seed(0)
-    probs = next_token_distribution(LOGITS.expand(20000, 4), cfg)
-    draws = torch.multinomial(probs, 1, generator=g).flatten()
-    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    counts = production_frequencies(LOGITS, cfg, 20000, seed=0)
+    freq = counts / counts.sum()
     assert freq[2] == 0 and freq[3] == 0
     assert math.isclose(freq[0].item(), 2 / 3, abs_tol=0.02)
+    assert chi_square(counts, reference_distribution(PROBS.tolist(), top_p=0.6)) < CHI2_LIMIT
+
+
+# Pearson's statistic for <= 6 free cells exceeds 30 with probability < 2e-5 when the sampler is right;
+# a nucleus that drops the crossing token, or one not renormalised, scores in the hundreds or infinity.
+CHI2_LIMIT = 30.0
+WIDE = torch.tensor([0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05])
+
+
+@pytest.mark.parametrize("kw", [dict(top_p=0.6), dict(top_p=0.9), dict(top_p=0.4), dict(top_p=0.7),
+                                dict(top_k=3), dict(top_k=4, top_p=0.7), dict(temperature=2.0, top_p=0.8),
+                                dict(temperature=0.5, top_k=5), dict()], ids=str)
+def test_production_sampler_matches_an_independent_reference(kw):
+    """20000 draws by sample_next against the distribution computed by hand: chi-square within bounds."""
+    counts = production_frequencies(WIDE.log()[None], SampleConfig(**kw), 20000, seed=5)
+    want = reference_distribution(WIDE.tolist(), **kw)
+    assert chi_square(counts, want) < CHI2_LIMIT, (counts.tolist(), want)
 
 
 @pytest.mark.parametrize("p", [0.6, 0.9, 1.0, None])
