@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-all clean chromium
+.PHONY: venv demo lint test test-all clean chromium
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,11 @@ chromium:
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	} || echo "note: chromium could not be installed; the report's browser test will be skipped"
 
-test: venv chromium
+lint: venv
+	$(VENV)/bin/ruff check picollm tests bench pico-llm.py
+	$(VENV)/bin/lint-imports
+
+test: venv chromium lint
 	$(PY) -m pytest -q
 
 test-all: venv chromium

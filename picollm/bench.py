@@ -8,20 +8,26 @@ both sides of each ratio alike.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 from typing import Callable, Optional
 
 import torch
 
-from .config import ModelConfig, SampleConfig, TrainConfig, resolve_model_config
-from .models import build_model, num_params
+from .config import DataConfig, ModelConfig, SampleConfig, TrainConfig, resolve_model_config
+from .data.batches import Batcher
+from .data.corpus import build_corpus
+from .data.sources import generate_numbers
+from .data.tokenizers import build_tokenizer
 from .device import autocast_factory, device_name, dtype_name, resolve_precision
+from .export import llama_config, llama_state_dict
+from .metrics import evaluate_sources, lm_loss
+from .models import build_model, num_params
+from .models.fused import fused_unavailable
+from .sampling import generate, sample_next
 from .training import Stepper, train_step
 from .training.compile import maybe_compile
 from .training.optim import make_optimizer
@@ -160,11 +166,6 @@ def bench_quality(device: str, steps: int) -> tuple[dict, torch.nn.Module]:
     """Test loss after the same number of steps, ours (default settings) vs the fp32 reference, both at
     T4 (vocab 4096) on the numeric corpus with a BPE of at most 4096 ids: speed must not cost quality.
     Returns (results, our trained model), which the generation bench samples from."""
-    from .data.batches import Batcher
-    from .data.corpus import build_corpus
-    from .config import DataConfig
-    from .metrics import evaluate_sources
-
     V = T4["vocab_size"]
     corpus = build_corpus(DataConfig(dataset="numbers", tokenizer="bpe", vocab_size=V, seed=0))
     results, trained = {}, None
@@ -200,11 +201,6 @@ def bench_generate(device: str, quick: bool, precision: str = "auto", model: Opt
     --decoder auto: the fused C decode step on a CPU), and also in fp32 and through the PyTorch step;
     HF generate runs a LlamaForCausalLM holding the same weights (our export's mapping), in fp32 (its
     default) and in our precision. Contenders are timed in interleaved rounds."""
-    import copy
-
-    from .models.fused import fused_unavailable
-    from .sampling import generate, sample_next
-
     torch.manual_seed(0)
     cfg = t4_model_configs()["transformer"]
     if model is None:
@@ -236,8 +232,6 @@ def bench_generate(device: str, quick: bool, precision: str = "auto", model: Opt
     except ImportError:
         note = "transformers not installed (pip install -e .[hf])"
     else:
-        from .export import llama_config, llama_state_dict
-
         hf_cfg = transformers.LlamaConfig(**{**llama_config(cfg, eot_id=0), "max_position_embeddings": 2 * cfg.block_size})
         hf = transformers.LlamaForCausalLM(hf_cfg).to(device).eval()
         missing, unexpected = hf.load_state_dict(llama_state_dict(model.state_dict(), cfg), strict=False)
@@ -280,8 +274,6 @@ def bench_kgram_vs_loop(quick: bool, precision: str = "auto") -> dict:
     ours = build_model(ModelConfig(model="kgram", vocab_size=V, kgram_k=k, n_embd=C, block_size=T,
                                    kgram_variant="onehot", num_inner_mlp_layers=1))
     targets = torch.randint(V, (B, T))
-    from .metrics import lm_loss
-
     autocast = autocast_factory("cpu", resolve_precision(precision, "cpu"))
 
     def ours_step():  # as in training: default precision, gradients released after each step
@@ -310,9 +302,6 @@ def bench_kgram_vs_loop(quick: bool, precision: str = "auto") -> dict:
 
 
 def bench_tokenizer(quick: bool) -> dict:
-    from .data.sources import generate_numbers
-    from .data.tokenizers import build_tokenizer
-
     target_mb = TOKENIZE_MB[quick]
     lines = []
     size = 0

@@ -25,10 +25,14 @@ import shutil
 import time
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_model
 
 from .config import DataConfig, ModelConfig, TrainConfig
+from .data.tokenizers import load_tokenizer
 from .errors import PicoError
 from .fsio import atomic_path, fsync_dir, write_json, write_text
+from .models import build_model
 
 CONFIG, TOKENIZER, WEIGHTS, TRAINER = "config.json", "tokenizer.json", "model.safetensors", "trainer.pt"
 METRICS, SUMMARY, SAMPLES, LOSS_PLOT = "metrics.jsonl", "summary.json", "samples.md", "loss.png"
@@ -114,8 +118,6 @@ def load_config(run_dir: str) -> tuple[ModelConfig, DataConfig, TrainConfig]:
 
 
 def _save_weights_file(model: torch.nn.Module, path: str, step: int) -> None:
-    from safetensors.torch import save_model
-
     save_model(unwrap(model), path, metadata={"step": str(step)})
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -129,9 +131,6 @@ def save_weights(run_dir: str, model: torch.nn.Module, step: int) -> None:
 
 def load_weights(run_dir: str, model: torch.nn.Module) -> int:
     """Loads RUN/model.safetensors into model (strictly); returns the step it was saved at."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_model
-
     path = checkpoint_file(run_dir, WEIGHTS)
     if not os.path.isfile(path):
         raise PicoError(f"{run_dir} is not a run directory (no {WEIGHTS})")
@@ -193,8 +192,6 @@ def _test_pause(run_dir: str) -> None:
 def save_checkpoint(run_dir: str, model: torch.nn.Module, trainer_state: dict) -> None:
     """Weights and trainer state for one step, written as a unit (see the module docstring): a crash at
     any point leaves either the previous checkpoint or the new one, complete and matching."""
-    from safetensors import SafetensorError
-
     step = trainer_state["step"]
     tmp, done = os.path.join(run_dir, f"{PENDING}{step}.tmp"), os.path.join(run_dir, f"{PENDING}{step}")
     try:
@@ -219,9 +216,6 @@ def save_checkpoint(run_dir: str, model: torch.nn.Module, trainer_state: dict) -
 
 def load_run(run_dir: str, device: str = "cpu"):
     """(model, tokenizer, (ModelConfig, DataConfig, TrainConfig)) from a run directory alone."""
-    from .data.tokenizers import load_tokenizer
-    from .models import build_model
-
     mcfg, dcfg, tcfg = load_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
     if tokenizer.vocab_size != mcfg.vocab_size:

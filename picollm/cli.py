@@ -26,8 +26,15 @@ from .experiments.report import write_report
 from .experiments.sweep import run_sweep
 from .experiments.tensorboard import tensorboard_sinks
 from .export import export_hf
-from .flags import CLASSIC_DEFAULTS, Parser, add_train_arguments, complete, configs_from_args, parse_models, \
-    resume_configs
+from .flags import (
+    CLASSIC_DEFAULTS,
+    Parser,
+    add_train_arguments,
+    complete,
+    configs_from_args,
+    parse_models,
+    resume_configs,
+)
 from .fsio import write_json, write_text
 from .sampling import generate_text, sample_settings
 from .tables import md_table

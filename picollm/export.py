@@ -24,9 +24,12 @@ import tempfile
 from typing import Callable
 
 import torch
+from safetensors.torch import save_file
 
+from .checkpoint import load_config, load_run
 from .config import EOT, ModelConfig
 from .errors import PicoError
+from .models.transformer import swiglu_hidden
 
 LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
 
@@ -61,8 +64,6 @@ def hf_architecture(cfg: ModelConfig) -> str:
 
 
 def llama_config(cfg: ModelConfig, eot_id: int) -> dict:
-    from .models.transformer import swiglu_hidden
-
     return {
         "architectures": [LLAMA],
         "model_type": "llama",
@@ -235,10 +236,6 @@ def export_hf(run_dir: str, out_dir: str, *, overwrite: bool = False,
 
     The directory is built beside out_dir and renamed into place, so a failed export leaves nothing
     half written (and, with overwrite, the previous export intact)."""
-    from safetensors.torch import save_file
-
-    from .checkpoint import load_config, load_run
-
     arch = hf_architecture(load_config(run_dir)[0])  # refuse before loading weights or the tokenizer
     _check_out_dir(run_dir, out_dir, overwrite)
     model, tokenizer, (cfg, _, _) = load_run(run_dir)

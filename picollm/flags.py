@@ -13,9 +13,25 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .config import (BATCHINGS, DATASETS, INPUT_MODES, KGRAM_VARIANTS, LR_SCHEDULES, MLPS, MODELS, NORM_PLACEMENTS,
-                     NORMS, POS_EMBS, PRECISIONS, PRESETS, TOKENIZERS, DataConfig, ModelConfig, TrainConfig,
-                     resolve_model_config)
+from .config import (
+    BATCHINGS,
+    DATASETS,
+    INPUT_MODES,
+    KGRAM_VARIANTS,
+    LR_SCHEDULES,
+    MLPS,
+    MODELS,
+    NORM_PLACEMENTS,
+    NORMS,
+    POS_EMBS,
+    PRECISIONS,
+    PRESETS,
+    TOKENIZERS,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    resolve_model_config,
+)
 from .device import DEVICE_CHOICES
 from .errors import PicoError
 

@@ -6,11 +6,14 @@ probability sums to at least p (the token that crosses p is kept, at least one t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 from .config import SampleConfig
+from .errors import PicoError
+from .models.fused import FusedDecoder, fused_unavailable
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -103,14 +106,10 @@ def decoder_for(model, decoder: str = "auto", batch_size: int = 1):
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if decoder == "torch" or (decoder == "auto" and batch_size > FUSED_MAX_BATCH):
         return model
-    from .models.fused import FusedDecoder, fused_unavailable
-
     reason = fused_unavailable(model)
     if reason is None:
         return FusedDecoder(model)
     if decoder == "fused":
-        from .errors import PicoError
-
         raise PicoError(f"--decoder fused: {reason}")
     return model
 
@@ -180,8 +179,6 @@ def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, num_samples:
 
 def parse_p_list(spec: str) -> list[Optional[float]]:
     """'greedy,0.2,0.95,1.0' -> [None, 0.2, 0.95, 1.0] (None: greedy)."""
-    from .errors import PicoError
-
     out = []
     for item in spec.split(","):
         item = item.strip()
@@ -200,8 +197,6 @@ def parse_p_list(spec: str) -> list[Optional[float]]:
 
 def sample_settings(spec: str, base: SampleConfig) -> list[tuple[str, SampleConfig]]:
     """The (label, SampleConfig) rows of a --compare_p table."""
-    import dataclasses
-
     rows = []
     for p in parse_p_list(spec):
         if p is None:

@@ -10,9 +10,9 @@ from torch.testing import assert_close
 
 from picollm import checkpoint as ckpt
 from picollm.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
+from picollm.device import resolve_precision
 from picollm.models import build_model
 from picollm.sampling import generate, next_token_distribution, sample_next
-from picollm.device import resolve_precision
 from picollm.training import train
 from picollm.training.compile import maybe_compile
 

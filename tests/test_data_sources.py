@@ -7,8 +7,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from picollm.data import sources
-from picollm.data.sources import (NUMBER_KINDS, find_text_files, generate_numbers, generate_numbers_with_kinds,
-                                  load_tinystories, read_text_files)
+from picollm.data.sources import (
+    NUMBER_KINDS,
+    find_text_files,
+    generate_numbers,
+    generate_numbers_with_kinds,
+    load_tinystories,
+    read_text_files,
+)
 from picollm.errors import PicoError
 
 # --------------------------------------------------------------------------- numbers

@@ -11,7 +11,7 @@ import torch
 
 from picollm import checkpoint as ckpt
 from picollm.cli import main
-from picollm.config import DataConfig, ModelConfig, SampleConfig, TrainConfig, resolve_model_config
+from picollm.config import DataConfig, SampleConfig, TrainConfig, resolve_model_config
 from picollm.errors import PicoError
 from picollm.export import export_hf, hf_architecture
 from picollm.sampling import generate

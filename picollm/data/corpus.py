@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import DataConfig
+from . import sources as src
 from .batches import Source, memmap_path, split_documents, tokenize_split
+from .tokenizers import build_tokenizer
 
 
 @dataclass
@@ -32,8 +34,6 @@ def is_numeric_source(source) -> bool:
 def load_documents(cfg: DataConfig) -> list[tuple[str, float, list[str]]]:
     """(name, weight, documents) per source with weight > 0, in the starter's mixing semantics:
     an example comes from TinyStories with probability tinystories_weight, else from the other data."""
-    from . import sources as src
-
     w = cfg.tinystories_weight
     other = []
     if cfg.dataset == "numbers":
@@ -56,8 +56,6 @@ def load_documents(cfg: DataConfig) -> list[tuple[str, float, list[str]]]:
 def build_corpus(cfg: DataConfig, run_dir: str | None = None, tokenizer=None) -> Corpus:
     """Split every source by document, train (or reuse) the tokenizer on the training split only,
     tokenize both splits. Pass `tokenizer` to reuse a run's own (resume, eval)."""
-    from .tokenizers import build_tokenizer
-
     splits = [(name, w, *split_documents(docs, cfg.test_fraction, cfg.seed)) for name, w, docs in load_documents(cfg)]
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg.tokenizer, train_texts=[d for *_, train, _ in splits for d in train],

@@ -19,7 +19,6 @@ from typing import Iterable, Iterator, Optional, Union
 from ..config import EOT
 from ..errors import PicoError
 
-
 # --------------------------------------------------------------------------- numeric sequences
 
 NUMBER_KINDS = ("counting", "arithmetic", "fibonacci", "powers_of_two", "squares", "constant")

@@ -16,13 +16,17 @@ A run directory holds run_dir/tokenizer.json: the HF tokenizers JSON for bpe (lo
 from __future__ import annotations
 
 import hashlib
-from abc import ABC, abstractmethod
 import json
 import os
 import threading
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
+
+import tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ..config import EOT, MIN_BPE_VOCAB
 from ..errors import PicoError
@@ -130,8 +134,6 @@ class BPETokenizer(Tokenizer):
 
 
 def _bpe_key(texts: Sequence[str], vocab_size: int) -> str:
-    import tokenizers
-
     h = hashlib.sha256(f"bpe-v1 tokenizers={tokenizers.__version__} vocab={vocab_size}\n".encode())
     for t in texts:
         b = t.encode("utf-8")
@@ -142,8 +144,6 @@ def _bpe_key(texts: Sequence[str], vocab_size: int) -> str:
 
 def _train_bpe(texts: Sequence[str], vocab_size: int):
     """Train GPT-2-style byte-level BPE. Deterministic: same texts and size, same merges."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
@@ -156,8 +156,6 @@ def _train_bpe(texts: Sequence[str], vocab_size: int):
 def train_bpe(texts: Sequence[str], vocab_size: int = 4096) -> BPETokenizer:
     """A bpe tokenizer for these texts: from $PICOLLM_CACHE_DIR/tokenizers/<sha256>.json when the
     same texts and size were seen before, else trained and cached."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     texts = list(texts)
     if not any(t for t in texts):
         raise PicoError("the bpe tokenizer needs training text, and the training split is empty")
@@ -301,8 +299,6 @@ def load_tokenizer(run_dir: PathLike) -> Tokenizer:
     if not isinstance(data, dict):
         raise PicoError(f"{p} is corrupt (not a JSON object)")
     if "model" in data:  # the HF tokenizers format: a bpe tokenizer
-        from tokenizers import Tokenizer as HFTokenizer
-
         try:
             return BPETokenizer(HFTokenizer.from_str(text))
         except PicoError:

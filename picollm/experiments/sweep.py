@@ -53,17 +53,20 @@ import difflib
 import hashlib
 import io
 import itertools
+import json
 import os
 import re
 import shutil
-import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+import tomllib
 
 from .. import checkpoint as ckpt
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..errors import PicoError
 from ..flags import FLAGS, Flag, complete, configs_from_args, train_parser
+from ..plots import loss_panels, metrics_vs_param
 from ..training import train, train_models
 from .tensorboard import require_tensorboard, tensorboard_sinks
 
@@ -413,8 +416,6 @@ def run_sweep(path: str, output_dir: str = "runs", overrides: tuple[str, ...] = 
 
 def read_sweep(root: str) -> Optional[dict]:
     """The sweep.json of a sweep directory, or None when `root` is not one."""
-    import json
-
     p = os.path.join(root, SWEEP_FILE)
     if not os.path.isfile(p):
         return None
@@ -485,8 +486,6 @@ def series_labels(rows: list[dict], swept: list[str], x: str) -> Optional[str]:
 
 def sweep_figures(root: str, meta: dict, rows: list[dict], loss_out, metrics_out) -> None:
     """The overlaid loss curves and the metrics-against-x figure of a sweep (to paths or binary files)."""
-    from ..plots import loss_panels, metrics_vs_param
-
     loss_panels({r["run"]: ckpt.read_metrics(os.path.join(root, r["run"])) for r in rows}, loss_out,
                 title=f"sweep {meta['name']}: loss")
     panels = [["test_loss", "best_test_loss", "train_loss"]]

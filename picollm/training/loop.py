@@ -30,8 +30,18 @@ from ..errors import PicoError
 from ..metrics import evaluate_sources, lm_loss
 from ..models import build_model, num_params
 from .compile import maybe_compile
-from .distributed import (Dist, all_reduce_sum, any_rank, gather_rng_states, join_processes, micro_batches,
-                          on_main, resume_command, shared_corpus, wrap_ddp)
+from .distributed import (
+    Dist,
+    all_reduce_sum,
+    any_rank,
+    gather_rng_states,
+    join_processes,
+    micro_batches,
+    on_main,
+    resume_command,
+    shared_corpus,
+    wrap_ddp,
+)
 from .optim import lr_at, make_optimizer, set_lr
 from .summary import finish_run
 
