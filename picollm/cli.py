@@ -98,7 +98,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise PicoError("--batch_size and --eval_batches must be >= 1")
     if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
         raise PicoError(f"--json {a.json}: its directory does not exist")
-    result = evaluate_run(a.run, input_files=a.input_files, batch_size=a.batch_size, max_batches=a.eval_batches)
+    result = evaluate_run(a.run, input_files=a.input_files, batch_size=a.batch_size, max_batches=a.eval_batches,
+                          precision=a.precision)
     for k, v in result.items():
         print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
     if a.json:  # nan (no sequence long enough to score) is written as null
@@ -194,6 +195,8 @@ def eval_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--batch_size", type=int, default=32)
     e.add_argument("--eval_batches", type=int, default=50)
     e.add_argument("--json", default=None)
+    e.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="default: the precision the run trained in (its --precision, resolved for this machine)")
 
 
 def attention_args(at: argparse.ArgumentParser) -> None:

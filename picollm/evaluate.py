@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Optional
 
 from .checkpoint import load_run
 from .data.batches import Source, tokenize_split
 from .data.corpus import build_corpus, is_numeric_text
+from .device import autocast_factory, resolve_precision
 from .metrics import continuation_accuracy, evaluate_sources
 
 
 def evaluate_run(run_dir: str, input_files: Optional[list[str]] = None, batch_size: int = 32,
-                 max_batches: int = 50, device: str = "cpu") -> dict:
-    model, tok, (mcfg, dcfg, _) = load_run(run_dir, device)
+                 max_batches: int = 50, device: str = "cpu", precision: Optional[str] = None) -> dict:
+    """Test loss, perplexity, bits per byte (and continuation accuracy on numeric data) of a run, scored as
+    its training scored them: on the kind of rows it trained on (its DataConfig.batching) and in the
+    precision it trained in (its TrainConfig.precision resolved for `device`; `precision` overrides:
+    auto | fp32 | bf16 | fp16)."""
+    model, tok, (mcfg, dcfg, tcfg) = load_run(run_dir, device)
+    autocast = autocast_factory(device, resolve_precision(precision or tcfg.precision, device))
     if input_files:
         from .data.sources import read_text_files
 
@@ -26,7 +30,8 @@ def evaluate_run(run_dir: str, input_files: Optional[list[str]] = None, batch_si
     else:  # the run's own split: deterministic from config.json, tokenized with the run's tokenizer
         corpus = build_corpus(dcfg, tokenizer=tok)
         sources, numeric, numeric_docs = corpus.sources, corpus.numeric, corpus.numeric_test_docs()
-    r = evaluate_sources(model, sources, mcfg.block_size, batch_size, max_batches, device)
+    r = evaluate_sources(model, sources, mcfg.block_size, batch_size, max_batches, device, autocast,
+                         batching=dcfg.batching)
     out = {"run": run_dir, "model": mcfg.model, "test_loss": r["test_loss"], "perplexity": r["perplexity"],
            "bits_per_byte": r["bits_per_byte"]}
     if numeric:

@@ -8,8 +8,9 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from .config import SampleConfig
-from .data.batches import IGNORE_INDEX, TokenSplit, bits_per_byte, eval_windows
+from .config import BATCHINGS, SampleConfig
+from .data.batches import IGNORE_INDEX, TokenSplit, bits_per_byte, eval_rows, eval_windows
+from .errors import PicoError
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -54,23 +55,37 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad, None
 
 
+def _eval_batches(split: TokenSplit, block_size: int, batch_size: int, max_batches: int, batching: str):
+    if batching not in BATCHINGS:
+        raise PicoError(f"unknown batching {batching!r}; choose one of: {', '.join(BATCHINGS)}")
+    if batching == "padded":
+        # pad_id: a causal model never lets a later (padding) position change an earlier position's logits
+        return eval_rows(split, block_size, batch_size, max_batches, pad_id=0)
+    return eval_windows(split, block_size, batch_size, max_batches)
+
+
 @torch.no_grad()
 def split_loss(model, split: TokenSplit, block_size: int, batch_size: int, max_batches: int, device="cpu",
-               autocast=nullcontext, rank: int = 0, world_size: int = 1) -> tuple[float, int]:
-    """(mean loss in nats/token, tokens scored) over the deterministic evaluation windows of a split.
-    Under DDP (world_size > 1, every rank calling) each rank scores every world_size-th batch and the
-    sums are all-reduced: the same figure as one process, up to float summation order."""
+               autocast=nullcontext, rank: int = 0, world_size: int = 1, *,
+               batching: str = "packed") -> tuple[float, int]:
+    """(mean loss in nats per target token, targets scored) over the deterministic evaluation batches of a
+    split: packed windows, or for batching="padded" one padded row per document (as padded training sees
+    them; padding never counts). Under DDP (world_size > 1, every rank calling) each rank scores every
+    world_size-th batch and the sums are all-reduced: the same figure as one process, up to float
+    summation order."""
+    batches = _eval_batches(split, block_size, batch_size, max_batches, batching)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i, (x, y) in enumerate(eval_windows(split, block_size, batch_size, max_batches)):
+    for i, (x, y) in enumerate(batches):
         if i % world_size != rank:
             continue
         x, y = x.to(device), y.to(device)
         with autocast():
             logits = model(x)
-        total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
-        count += y.numel()
+        total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                 ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((y != IGNORE_INDEX).sum().item())
     if world_size > 1:
         import torch.distributed as dist
 
@@ -83,13 +98,15 @@ def split_loss(model, split: TokenSplit, block_size: int, batch_size: int, max_b
 
 
 def evaluate_sources(model, sources, block_size: int, batch_size: int, max_batches: int, device="cpu",
-                     autocast=nullcontext, rank: int = 0, world_size: int = 1) -> dict:
+                     autocast=nullcontext, rank: int = 0, world_size: int = 1, *, batching: str = "packed") -> dict:
     """Test loss of every source, combined with the mixing weights (so the figure measures the same
-    mixture the model is trained on), perplexity and bits per byte."""
+    mixture the model is trained on), perplexity and bits per byte. `batching` is the run's
+    DataConfig.batching: a run is scored on the kind of rows it trains on (see split_loss)."""
     loss = bpb = 0.0
     per_source = {}
     for s in sources:
-        l_s, _ = split_loss(model, s.test, block_size, batch_size, max_batches, device, autocast, rank, world_size)
+        l_s, _ = split_loss(model, s.test, block_size, batch_size, max_batches, device, autocast, rank, world_size,
+                            batching=batching)
         per_source[s.name] = l_s
         loss += s.weight * l_s
         bpb += s.weight * bits_per_byte(l_s, s.test)

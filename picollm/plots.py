@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -9,8 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in records if key in r]
+    pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _best(values: list[float]):
+    """Index of the lowest finite value (a diverged NaN or inf loss is never the best), or None."""
+    ok = [i for i, v in enumerate(values) if math.isfinite(v)]
+    return min(ok, key=values.__getitem__) if ok else None
 
 
 def loss_curves(runs: dict[str, list[dict]], path: str, title: str = "loss") -> None:
@@ -106,8 +114,9 @@ def loss_panels(runs: dict[str, list[dict]], path, title: str = "loss") -> None:
         s, v = _series(records, "test_loss")
         if s:
             te.plot(s, v, color=c, marker="o", ms=3, lw=1.6, label=name)
-            b = min(range(len(v)), key=v.__getitem__)
-            te.plot([s[b]], [v[b]], marker="*", ms=13, color=c, mec="black", mew=0.6, ls="none")
+            b = _best(v)
+            if b is not None:
+                te.plot([s[b]], [v[b]], marker="*", ms=13, color=c, mec="black", mew=0.6, ls="none")
     tr.set_title("train loss (running mean)")
     tr.set_yscale("log")
     from matplotlib.ticker import FormatStrFormatter
@@ -209,10 +218,11 @@ def run_curves(records: list[dict], path, title: str = "loss") -> None:
             if pairs:
                 ax.fill_between([p[0] for p in pairs], [p[2] for p in pairs], [p[1] for p in pairs],
                                 color="#dd5a2b", alpha=0.10, lw=0, label="gap (test - train)")
-        b = min(range(len(ev)), key=ev.__getitem__)
-        ax.axvline(es[b], color="gray", ls="--", lw=1)
-        ax.plot([es[b]], [ev[b]], marker="*", ms=15, color="#dd5a2b", mec="black", mew=0.6, ls="none",
-                label=f"best test {ev[b]:.3f} @ step {es[b]}")
+        b = _best(ev)
+        if b is not None:
+            ax.axvline(es[b], color="gray", ls="--", lw=1)
+            ax.plot([es[b]], [ev[b]], marker="*", ms=15, color="#dd5a2b", mec="black", mew=0.6, ls="none",
+                    label=f"best test {ev[b]:.3f} @ step {es[b]}")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))

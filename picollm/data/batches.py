@@ -7,6 +7,7 @@ memmap once it is large) -> batches.
 Two batchings:
 - packed (default): random windows of block_size + 1 tokens from the joined array;
 - padded: one example per row (the course starter's way), targets past the example are ignore_index.
+A run is evaluated on the kind of rows it trains on: eval_windows (packed) or eval_rows (padded).
 Sources are mixed per row: each row comes from source i with probability weights[i] (for TinyStories
 that is exactly the starter's --tinystories_weight).
 """
@@ -159,8 +160,9 @@ def pad_examples(examples: list[np.ndarray], block_size: int, pad_id: int) -> tu
 
 
 def eval_windows(split: TokenSplit, block_size: int, batch_size: int, max_batches: int):
-    """Deterministic, non-overlapping windows over the start of a test split: yields (x, y) batches.
-    The same windows every time, so test losses at different steps compare."""
+    """Deterministic, non-overlapping windows over the start of a test split (how packed batching is
+    evaluated): yields (x, y) batches. The same windows every time, so test losses at different steps
+    compare."""
     toks = split.tokens
     n_windows = (len(toks) - 1) // block_size
     if n_windows == 0 and len(toks) >= 2:  # a test split shorter than one window: one short window
@@ -173,6 +175,18 @@ def eval_windows(split: TokenSplit, block_size: int, batch_size: int, max_batche
         w = np.stack([np.asarray(toks[i * block_size: i * block_size + block_size + 1], dtype=np.int64) for i in idx])
         w = torch.from_numpy(w)
         yield w[:, :-1], w[:, 1:]
+
+
+def eval_rows(split: TokenSplit, block_size: int, batch_size: int, max_batches: int, pad_id: int = 0):
+    """Deterministic padded rows over the first documents of a test split, as padded batching trains on
+    them: one document and its end-of-text per row, cut at block_size + 1 tokens, targets past the
+    document IGNORE_INDEX. Yields (x, y) batches of up to batch_size rows (an empty document, which has
+    no target, is skipped). The same rows every time, so test losses at different steps compare."""
+    docs = [d for d in range(split.n_docs) if split.lengths[d] > 0][: batch_size * max_batches]
+    for b in range(0, len(docs), batch_size):
+        rows = [np.asarray(split.tokens[split.starts[d]: split.starts[d] + split.lengths[d] + 1],
+                           dtype=np.int64)[: block_size + 1] for d in docs[b: b + batch_size]]
+        yield pad_examples(rows, block_size, pad_id)
 
 
 def tokens_per_byte(split: TokenSplit) -> float:

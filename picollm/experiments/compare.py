@@ -9,6 +9,7 @@ or a multi-model run) stands for those runs.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Optional
 
@@ -21,10 +22,10 @@ COMPARE_MD, COMPARE_PNG = "compare.md", "compare.png"
 def _evaluations(records: list[dict]) -> list[tuple[int, float, Optional[float]]]:
     """(step, test loss, mean train loss since the evaluation before) per evaluation."""
     out, prev, window = [], 0, []
-    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    train = [(r["step"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
     i = 0
     for r in records:
-        if "test_loss" not in r:
+        if r.get("test_loss") is None:
             continue
         window = []
         while i < len(train) and train[i][0] <= r["step"]:
@@ -55,15 +56,17 @@ def overfitting_span(records: list[dict], patience: int = 3) -> Optional[dict]:
 def run_stats(records: list[dict], patience: int = 3) -> dict:
     """Final train loss (mean of the last 10 logged steps, as summary.json), final and best test loss, the
     best step, the train/test gap at the first and the last evaluation, and the overfitting span."""
-    train = [r["train_loss"] for r in records if "train_loss" in r]
+    train = [r["train_loss"] for r in records if r.get("train_loss") is not None]
     ev = _evaluations(records)
     out = {"steps": max((r["step"] for r in records), default=0),
            "train_loss": sum(train[-10:]) / len(train[-10:]) if train else None,
            "test_loss": ev[-1][1] if ev else None, "best_test_loss": None, "best_step": None,
            "first_gap": None, "gap": None, "evaluations": len(ev)}
-    if ev:
-        best = min(ev, key=lambda e: e[1])
+    finite = [e for e in ev if math.isfinite(e[1])]  # a diverged evaluation (NaN, inf) is never the best
+    if finite:
+        best = min(finite, key=lambda e: e[1])
         out.update(best_test_loss=best[1], best_step=best[0])
+    if ev:
         if ev[0][2] is not None:
             out["first_gap"] = ev[0][1] - ev[0][2]
         if out["train_loss"] is not None:
@@ -107,7 +110,9 @@ def run_labels(runs: list[str]) -> list[str]:
 
 
 def _f(v, fmt="{:.4f}") -> str:
-    return "" if v is None else fmt.format(v)
+    if v is None:
+        return ""
+    return fmt.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
 def compare_table(labels: list[str], stats: list[dict], summaries: list[dict]) -> str:

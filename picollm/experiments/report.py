@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import os
 import time
 import unicodedata
@@ -121,6 +122,7 @@ def samples(run: str, prompt: Optional[str] = None, spec: str = SAMPLE_P, max_ne
             seed: int = 0) -> tuple[str, list[tuple[str, str]]]:
     """(prompt, [(setting, completion)]) sampled from a run at each setting of `spec`."""
     import picollm
+
     from ..config import SampleConfig
     from ..sampling import generate_text, sample_settings
 
@@ -192,6 +194,17 @@ def _run_body(run: str, max_new_tokens: int, seed: int, plots: bool = True) -> s
 
 # --------------------------------------------------------------------------- a sweep or a directory of runs
 
+def _best_row(rows: list[dict], key: str, pick: Callable) -> Optional[int]:
+    """The index of the row whose `key` is best by `pick` (min or max) among the rows where it is a finite
+    number: a point may lack a metric (continuation accuracy on text data) or have diverged (NaN)."""
+    ok = [i for i, r in enumerate(rows) if _finite(r.get(key))]
+    return pick(ok, key=lambda i: rows[i][key]) if ok else None
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _collection_body(root: str, max_new_tokens: int, seed: int) -> tuple[str, str]:
     from ..plots import loss_panels
     from .compare import resolve_runs, run_labels, run_stats
@@ -212,12 +225,11 @@ def _collection_body(root: str, max_new_tokens: int, seed: int) -> tuple[str, st
         if rows:
             cols = meta["swept"] + [c for c in RESULT_COLUMNS if any(r.get(c) is not None for r in rows)]
             best = {}
-            for c in ("test_loss", "best_test_loss", "bits_per_byte"):
-                if c in cols:
-                    best[cols.index(c)] = min(range(len(rows)), key=lambda i: rows[i][c])
-            if "continuation_accuracy" in cols:
-                best[cols.index("continuation_accuracy")] = max(range(len(rows)),
-                                                                key=lambda i: rows[i]["continuation_accuracy"])
+            for c, pick in (("test_loss", min), ("best_test_loss", min), ("bits_per_byte", min),
+                            ("continuation_accuracy", max)):
+                i = _best_row(rows, c, pick) if c in cols else None
+                if i is not None:
+                    best[cols.index(c)] = i
             cells = [[_e(_cell(c, r.get(c))) for c in cols] for r in rows]
             parts.append("<h2>Results</h2>" + _table([c.replace("_", " ") for c in cols], cells,
                                                      numeric=set(range(len(meta["swept"]), len(cols))), best=best))

@@ -45,6 +45,9 @@ class _Cfg(ctypes.Structure):
     _fields_ += [("eps", ctypes.c_float)]
 
 
+# pico_forward's return codes (the PICO_* enum of fused_decode.c)
+PICO_OK, PICO_BAD_TOKEN, PICO_BAD_POSITION, PICO_NO_TOKENS, PICO_MISSING_WEIGHT = range(5)
+
 _lib: Optional[ctypes.CDLL] = None
 _lib_error: Optional[str] = None
 
@@ -200,7 +203,24 @@ class FusedDecoder:
         idx = idx.to(torch.int64).contiguous()
         rc = self.lib.pico_forward(self._ccfg_ref, self.weights, *state.buffers, idx.data_ptr(), B, t, state.pos,
                                    state.logits.data_ptr())
-        if rc != 0:
-            raise IndexError(f"token ids must be in [0, {self.cfg.vocab_size}), got {idx.min().item()}..{idx.max().item()}")
+        if rc != PICO_OK:
+            raise self._error(rc, idx, state.pos)
         state.pos += t
         return state.logits, state
+
+    def _error(self, rc: int, idx: torch.Tensor, pos: int) -> Exception:
+        """The exception for a non-zero return code of pico_forward (nothing was written)."""
+        V, T = self.cfg.vocab_size, self.cfg.block_size
+        if rc == PICO_BAD_TOKEN:
+            bad = ((idx < 0) | (idx >= V)).nonzero()[0].tolist()
+            return IndexError(f"token ids must be in [0, {V}), got {idx[tuple(bad)].item()} at row {bad[0]}, "
+                              f"position {bad[1]}")
+        if rc == PICO_BAD_POSITION:
+            return ValueError(f"positions {pos}..{pos + idx.size(1) - 1} are outside the KV cache [0, {T})")
+        if rc == PICO_NO_TOKENS:
+            return ValueError(f"nothing to feed: idx has shape {tuple(idx.shape)}; a step takes at least one token "
+                              "per row")
+        if rc == PICO_MISSING_WEIGHT:
+            return RuntimeError("a weight the fused step reads is missing (a NULL pointer): the decoder was built "
+                                "from an incomplete model")
+        return RuntimeError(f"pico_forward failed with unknown code {rc}")

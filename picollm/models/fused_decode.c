@@ -38,6 +38,15 @@ typedef struct {
 enum { W_WTE, W_POS, W_COS, W_SIN, W_LNF, W_LNF_B, W_HEAD, N_GLOBAL };
 enum { L_LN1, L_LN1_B, L_QKV, L_QKV_B, L_PROJ, L_PROJ_B, L_LN2, L_LN2_B, L_FC, L_FC_B, L_MPROJ, L_MPROJ_B, N_PER_LAYER };
 
+/* pico_forward's return codes, one per cause; fused.py names each (keep the two lists in step). */
+enum {
+    PICO_OK = 0,
+    PICO_BAD_TOKEN = 1,      /* a token id outside [0, vocab) */
+    PICO_BAD_POSITION = 2,   /* pos0 < 0, or pos0 + T past block_size (the KV cache's length) */
+    PICO_NO_TOKENS = 3,      /* T < 1 or B < 1: nothing to feed */
+    PICO_MISSING_WEIGHT = 4  /* a weight pointer the configuration reads is NULL */
+};
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -141,17 +150,31 @@ int64_t pico_scratch_floats(const PicoCfg *c, int B) {
     return (int64_t)B * (5 * C + 3 * C + 2 * H) + c->block_size;
 }
 
+/* PICO_OK when every weight the configuration reads is there, else PICO_MISSING_WEIGHT. */
+static int check_weights(const PicoCfg *c, const void *const *w) {
+    if (!w[W_WTE] || !w[W_HEAD] || (c->pos_kind == 1 && !w[W_POS]) ||
+        (c->pos_kind == 2 && (!w[W_COS] || !w[W_SIN])) || (c->pre_norm && !w[W_LNF]))
+        return PICO_MISSING_WEIGHT;
+    for (int l = 0; l < c->n_layer; l++) {
+        const void *const *lw = w + N_GLOBAL + N_PER_LAYER * l;
+        if (!lw[L_LN1] || !lw[L_QKV] || !lw[L_PROJ] || !lw[L_LN2] || !lw[L_FC] || !lw[L_MPROJ])
+            return PICO_MISSING_WEIGHT;
+    }
+    return PICO_OK;
+}
+
 /* Feed tokens (B, T) (row-major int64) at positions pos0 .. pos0+T-1 into the KV caches k, v (each
    (L, B, nh, block, hs) float32) and write the logits of the last position to logits (B, V).
-   Returns 0, or -1 when a token id is outside [0, V) or the positions pass block_size (nothing is
-   written then). */
+   Returns PICO_OK, or the PICO_* code of the first problem found (nothing is written then). */
 int pico_forward(const PicoCfg *c, const void *const *w, float *kc, float *vc, float *scratch,
                  const int64_t *tokens, int B, int T, int pos0, float *logits) {
     const int C = c->n_embd, nh = c->n_head, hs = c->head_size, H = c->hidden, L = c->n_layer;
     const int bf = c->bf16, half = hs / 2;
-    if (pos0 < 0 || T < 1 || pos0 + T > c->block_size) return -1;
+    if (T < 1 || B < 1) return PICO_NO_TOKENS;
+    if (pos0 < 0 || pos0 + T > c->block_size) return PICO_BAD_POSITION;
     for (int64_t i = 0; i < (int64_t)B * T; i++)
-        if (tokens[i] < 0 || tokens[i] >= c->vocab) return -1;
+        if (tokens[i] < 0 || tokens[i] >= c->vocab) return PICO_BAD_TOKEN;
+    if (check_weights(c, w) != PICO_OK) return PICO_MISSING_WEIGHT;
 
     float *x = scratch;          /* (B, C) residual stream */
     float *xn = x + B * C;       /* (B, C) normed input of a sublayer */
@@ -259,5 +282,5 @@ int pico_forward(const PicoCfg *c, const void *const *w, float *kc, float *vc, f
             memcpy(xn + b * C, x + b * C, sizeof(float) * C);
     }
     matvec(logits, w[W_HEAD], bf, NULL, xn, B, c->vocab, C);
-    return 0;
+    return PICO_OK;
 }

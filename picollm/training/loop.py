@@ -159,7 +159,8 @@ class Run:
     def evaluate(self, autocast: Callable) -> dict:
         """Test loss and bits per byte; every rank scores its share of the windows."""
         r = evaluate_sources(self.model, self.corpus.sources, self.model_cfg.block_size, self.train_cfg.batch_size,
-                             self.train_cfg.eval_batches, self.device, autocast, self.dist.rank, self.dist.world_size)
+                             self.train_cfg.eval_batches, self.device, autocast, self.dist.rank, self.dist.world_size,
+                             batching=self.data_cfg.batching)
         return {"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
                 "test_loss": r["test_loss"], "bits_per_byte": r["bits_per_byte"], "elapsed": self.state.elapsed}
 

@@ -28,7 +28,8 @@ def run_figures(records: list[dict], model_cfg: ModelConfig, data_cfg: DataConfi
     train_losses = [r["train_loss"] for r in records if "train_loss" in r]
     evals = [r for r in records if "test_loss" in r]
     final = evals[-1]
-    best = min(evals, key=lambda r: r["test_loss"])
+    finite = [r for r in evals if r["test_loss"] is not None and math.isfinite(r["test_loss"])]
+    best = min(finite, key=lambda r: r["test_loss"]) if finite else final  # a NaN is never the best
     return {
         "model": model_cfg.model, "params": n_params, "steps": final["step"],
         "train_loss": sum(train_losses[-10:]) / len(train_losses[-10:]),
