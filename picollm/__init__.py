@@ -2,18 +2,19 @@
 
     model, tokenizer, config = picollm.load("runs/NAME")
     text = picollm.generate(model, tokenizer, "0 1 2 3 4", max_new_tokens=20, greedy=True)
+    logits, cache = picollm.run_with_cache(model, idx, ["blocks.0.attn.hook_pattern"])  # named activations
+    logits = picollm.run_with_hooks(model, idx, {"blocks.0.attn.hook_z": fn})  # fn(t, hook) -> t or None
 """
 
 from __future__ import annotations
 
-import os
-
-# Large CPU tensors on transparent huge pages (PyTorch reads THP_MEM_ALLOC_ENABLE at its first large
-# allocation). A fresh gradient of hundreds of MB otherwise page-faults 4 KB at a time: the one-hot
-# k-gram's first layer (V=50257, k=3, C=1024) spent ~2/3 of its training step there. Set it to 0 to opt out.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# Transparent huge pages (THP_MEM_ALLOC_ENABLE) are switched on by the command line's entry points only
+# (picollm.device.enable_transparent_huge_pages): importing a library leaves its host's environment alone.
 
 __version__ = "0.1.0"
+
+# The functions below import what they use when called: `import picollm.config` (or any light module)
+# must not load torch, the models and the data stack through this package's __init__.
 
 
 def load(path: str, device: str = "cpu"):
@@ -39,3 +40,19 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 50, *, tempera
     device = next(model.parameters()).device
     texts = generate_text(model, tokenizer, prompt, cfg, num_samples=num_samples, device=device, decoder=decoder)
     return texts if num_samples > 1 else texts[0]
+
+
+def run_with_cache(model, idx, names=None):
+    """(logits, {hook name: activation}) of model(idx) in eval mode without gradients. names: None (every
+    hook point), a list of names, or a predicate on names; see picollm.models.hooks for the names."""
+    from .models.hooks import run_with_cache as run
+
+    return run(model, idx, names)
+
+
+def run_with_hooks(model, idx, fns):
+    """model(idx)'s logits in eval mode with {hook name: fn(tensor, hook_point) -> replacement or None}
+    applied; the hooks are removed afterwards."""
+    from .models.hooks import run_with_hooks as run
+
+    return run(model, idx, fns)

@@ -7,6 +7,7 @@ from typing import Optional
 from .checkpoint import load_run
 from .data.batches import Source, tokenize_split
 from .data.corpus import build_corpus, is_numeric_text
+from .data.sources import read_text_files
 from .device import autocast_factory, resolve_precision
 from .metrics import continuation_accuracy, evaluate_sources
 
@@ -20,8 +21,6 @@ def evaluate_run(run_dir: str, input_files: Optional[list[str]] = None, batch_si
     model, tok, (mcfg, dcfg, tcfg) = load_run(run_dir, device)
     autocast = autocast_factory(device, resolve_precision(precision or tcfg.precision, device))
     if input_files:
-        from .data.sources import read_text_files
-
         docs = read_text_files(input_files, mode=dcfg.input_mode)
         split = tokenize_split(docs, tok)
         sources = [Source("files", 1.0, split, split, docs)]

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import BATCHINGS, SampleConfig
 from .data.batches import IGNORE_INDEX, TokenSplit, bits_per_byte, eval_rows, eval_windows
 from .errors import PicoError
+from .sampling import generate
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -87,8 +90,6 @@ def split_loss(model, split: TokenSplit, block_size: int, batch_size: int, max_b
                                  ignore_index=IGNORE_INDEX, reduction="sum").item()
         count += int((y != IGNORE_INDEX).sum().item())
     if world_size > 1:
-        import torch.distributed as dist
-
         t = torch.tensor([total, count], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         total, count = t[0].item(), int(t[1].item())
@@ -119,10 +120,6 @@ def continuation_accuracy(model, tokenizer, sequences: list[str], n_prompt: int 
     """On held-out numeric sequences: given the first n_prompt numbers, greedy-generate and score the share
     of the next n_next numbers that are exactly right (a missing number counts as wrong). Prompts of the
     same token length are decoded together in one batch."""
-    from collections import defaultdict
-
-    from .sampling import generate
-
     candidates = [s.split() for s in sequences if len(s.split()) >= n_prompt + n_next][:max_sequences]
     if not candidates:
         return float("nan")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -50,8 +52,6 @@ def attention_heatmaps(grid: list, tokens: list[str], path: str, title: str = ""
     empty cell; tokens: the T axis labels. Weights share one colour scale (0 to 1); the masked upper
     triangle (future keys) is drawn light grey. Without label_every_panel only the left column carries
     query labels and the bottom row key labels."""
-    import numpy as np
-
     rows, cols, T = len(grid), max(len(r) for r in grid), len(tokens)
     cell = min(max(3.2, 0.17 * T + 1.6), 7.0, 30.0 / cols)  # inches per panel
     fontsize = max(3.5, min(9.0, 0.5 * 72 * cell / max(T, 1)))  # half a row's height, in points
@@ -119,8 +119,6 @@ def loss_panels(runs: dict[str, list[dict]], path, title: str = "loss") -> None:
                 te.plot([s[b]], [v[b]], marker="*", ms=13, color=c, mec="black", mew=0.6, ls="none")
     tr.set_title("train loss (running mean)")
     tr.set_yscale("log")
-    from matplotlib.ticker import FormatStrFormatter
-
     tr.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
     tr.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
     tr.tick_params(axis="y", which="minor", labelsize=7)
@@ -201,8 +199,6 @@ def run_curves(records: list[dict], path, title: str = "loss") -> None:
     """One run: train loss per step (raw, faint, and its running mean), test loss per evaluation, the
     train/test gap shaded between them and the best evaluation (the early-stopping point) marked.
     `path`: a file name or a binary file."""
-    from matplotlib.ticker import FormatStrFormatter
-
     fig, ax = plt.subplots(figsize=(9, 4.6), dpi=110, layout="constrained")
     ts, tv = _series(records, "train_loss")
     es, ev = _series(records, "test_loss")

@@ -10,10 +10,19 @@ import torch
 from torch.testing import assert_close
 
 from picollm import checkpoint as ckpt
-from picollm.analysis.attention import (attention_weights, format_scores, head_scores, induction_scores,
-                                        induction_sequences, looks_like, parse_heads, prev_token_scores, sink_scores,
-                                        token_label)
-from picollm.analysis.neighbors import (embedding_tables, hidden_states, kmeans, nearest, neighbors, resolve_token)
+from picollm.analysis.attention import (
+    attention_weights,
+    format_scores,
+    head_scores,
+    induction_scores,
+    induction_sequences,
+    looks_like,
+    parse_heads,
+    prev_token_scores,
+    sink_scores,
+    token_label,
+)
+from picollm.analysis.neighbors import embedding_tables, hidden_states, kmeans, nearest, neighbors, resolve_token
 from picollm.cli import classic_main, main
 from picollm.config import DataConfig, ModelConfig, TrainConfig
 from picollm.data.tokenizers import ByteTokenizer

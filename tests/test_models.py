@@ -165,11 +165,13 @@ def test_transformer_context_limits_raise():
 @pytest.mark.parametrize("cfg", TRANSFORMER_CFGS, ids=TRANSFORMER_IDS)
 @torch.no_grad()
 def test_sdpa_path_equals_explicit_attention_path(cfg, monkeypatch):
+    from picollm.models.hooks import run_with_cache
     from picollm.models.transformer import CausalSelfAttention
 
     model = make(cfg)
     idx = tokens(2, 17)
-    logits, attn = model(idx, return_attn=True)
+    logits, cache = run_with_cache(model, idx, lambda name: name.endswith("hook_pattern"))  # the explicit path
+    attn = list(cache.values())
     written_out = model(idx)  # the CPU fast path
     monkeypatch.setattr(CausalSelfAttention, "written_out_on_cpu", False)
     sdpa = model(idx)  # F.scaled_dot_product_attention
@@ -183,12 +185,16 @@ def test_sdpa_path_equals_explicit_attention_path(cfg, monkeypatch):
 
 
 def test_dropout_is_active_in_training_only():
+    from picollm.models.hooks import hooks_attached, run_with_cache
+
     model = make(tiny(dropout=0.2)).train()
     idx = tokens(2, 12)
     assert not torch.allclose(model(idx), model(idx))
-    assert not torch.allclose(model(idx, return_attn=True)[0], model(idx, return_attn=True)[0])
+    explicit = {f"blocks.{i}.attn.hook_pattern": lambda t, hook: None for i in range(2)}  # hooked: explicit path
+    with hooks_attached(model, explicit):
+        assert not torch.allclose(model(idx), model(idx))
     model.eval()
-    assert_close(model(idx), model(idx, return_attn=True)[0])
+    assert_close(model(idx), run_with_cache(model, idx, list(explicit))[0])
 
 
 @pytest.mark.parametrize("placement", ["pre", "post"])
@@ -198,14 +204,14 @@ def test_block_composes_norm_attention_mlp_as_configured(placement):
     blk = model.blocks[0]
     x = torch.randn(2, 9, 32)
     if placement == "pre":  # x + attn(norm(x)), then + mlp(norm(.)); a final norm before the head
-        h = x + blk.attn(blk.ln_1(x))[0]
+        h = x + blk.attn(blk.ln_1(x))
         ref = h + blk.mlp(blk.ln_2(h))
         assert not isinstance(model.ln_f, nn.Identity)
     else:  # norm(x + attn(x)), then norm(. + mlp(.)); the last block already ends in a norm
-        h = blk.ln_1(x + blk.attn(x)[0])
+        h = blk.ln_1(x + blk.attn(x))
         ref = blk.ln_2(h + blk.mlp(h))
         assert isinstance(model.ln_f, nn.Identity)
-    assert_close(blk(x)[0], ref)
+    assert_close(blk(x), ref)
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -352,3 +358,18 @@ def test_other_families_report_flops_and_context(cfg):
     model = build_model(cfg)
     assert isinstance(model.flops_per_token(), int) and model.flops_per_token() > 0
     assert model.max_context is None
+    # counted by hand from the config: 2 FLOPs per multiply-add of every matmul, forward + backward = 3x
+    # forward; lookups (embeddings, the one-hot k-gram's first layer) and biases count nothing. A second
+    # config per family makes the layers and widths differ (layer 1's LSTM input is hidden, not n_embd).
+    wider = (tiny("lstm", lstm_layers=2, hidden_size=48) if cfg.model == "lstm" else
+             tiny("kgram", kgram_variant=cfg.kgram_variant, kgram_k=4, num_inner_mlp_layers=2))
+    for c in (cfg, wider):
+        V, C = c.vocab_size, c.n_embd
+        if c.model == "lstm":
+            H = c.hidden_size
+            inputs = [C] + [H] * (c.lstm_layers - 1)
+            forward = sum(4 * (i + H) * H * 2 for i in inputs) + H * V * 2  # 4 gates x (input + hidden) x hidden
+        else:
+            first = 0 if c.kgram_variant == "onehot" else c.kgram_k * C * C * 2  # Linear(k*C, C) / Conv1d kernel k
+            forward = first + c.num_inner_mlp_layers * C * C * 2 + C * V * 2
+        assert build_model(c).flops_per_token() == 3 * forward, c

@@ -21,7 +21,10 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint import load_run
 from ..errors import PicoError
+from ..models.hooks import run_with_cache
+from ..plots import attention_heatmaps
 
 SCORE_NAMES = ("prev_token", "sink", "induction")
 LOOKS_LIKE = {"prev_token": "previous-token", "sink": "sink", "induction": "induction"}
@@ -72,16 +75,18 @@ def token_label(text: str) -> str:
     return repr(text)[1:-1].replace(" ", "\u2423") or "''"
 
 
-@torch.no_grad()
+def patterns(model, idx: torch.Tensor) -> list[torch.Tensor]:
+    """idx (B, T) -> every layer's attention weights (B, nh, T, T), from the hook_pattern hook points
+    (run in eval mode, without gradients)."""
+    names = [f"blocks.{i}.attn.hook_pattern" for i in range(model.cfg.n_layer)]
+    _, cache = run_with_cache(model, idx, names)
+    return [cache[n] for n in names]
+
+
 def attention_weights(model, ids: list[int]) -> list[torch.Tensor]:
     """Token ids (one sequence) -> attention weights, a list per layer of (n_head, T, T) CPU tensors."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    _, attn = model(torch.tensor([ids], dtype=torch.long, device=device), return_attn=True)
-    if was_training:
-        model.train()
-    return [a[0].float().cpu() for a in attn]
+    return [a[0].float().cpu() for a in patterns(model, torch.tensor([ids], dtype=torch.long, device=device))]
 
 
 def attention_maps(model, tokenizer, prompt: str) -> tuple[list[str], list[torch.Tensor]]:
@@ -138,11 +143,7 @@ def induction_scores(model, bos_id: int, seq_len: Optional[int] = None, n_seqs: 
         return torch.full((cfg.n_layer, cfg.n_head), float("nan")), L
     device = next(model.parameters()).device
     seqs = induction_sequences(cfg.vocab_size, bos_id, L, n_seqs, seed).to(device)
-    was_training = model.training
-    model.eval()
-    _, attn = model(seqs, return_attn=True)
-    if was_training:
-        model.train()
+    attn = patterns(model, seqs)
     i = torch.arange(1 + L, 1 + 2 * L, device=device)  # the second copy
     j = i - L + 1  # the token after the previous occurrence of token i
     return torch.stack([a[:, :, i, j].float().mean(dim=(0, 2)) for a in attn]).cpu(), L  # (n_layer, n_head)
@@ -200,8 +201,6 @@ def attention_report(run_dir: str, prompt: Optional[str] = None, layer: int = 0,
     """`pico-llm attention`: heat-maps of the chosen heads (all layers x heads with all_layers) written to
     `out`, every head's scores, and with json_path the weights and scores as JSON. Returns the JSON's
     content plus "table" (the scores as text)."""
-    from ..checkpoint import load_run
-
     _check_output(out, "--out", FIGURE_FORMATS)
     _check_output(json_path, "--json")
     model, tok, (mcfg, _, tcfg) = load_run(run_dir)
@@ -218,24 +217,22 @@ def attention_report(run_dir: str, prompt: Optional[str] = None, layer: int = 0,
     result = {
         "run": run_dir, "prompt": prompt, "token_ids": tok.encode(prompt), "tokens": tokens,
         "layers": layers, "heads": head_list,
-        "attention": [{"layer": l, "head": h, "weights": [[round(float(w), 6) for w in row] for row in attn[l][h]]}
-                      for l in layers for h in head_list],
+        "attention": [{"layer": li, "head": h, "weights": [[round(float(w), 6) for w in row] for row in attn[li][h]]}
+                      for li in layers for h in head_list],
         "scores": rows,
         "induction": {"seq_len": ind_len, "n_seqs": INDUCTION_SEQS, "seed": seed},
     }
     if out is not None:
-        from ..plots import attention_heatmaps
-
         by_key = {(r["layer"], r["head"]): r for r in rows}
 
-        def panel(l, h):
-            r = by_key[(l, h)]
+        def panel(li, h):
+            r = by_key[(li, h)]
             s = " · ".join(f"{n} {'-' if r[k] is None else format(r[k], '.2f')}"
                            for n, k in (("prev", "prev_token"), ("sink", "sink"), ("ind", "induction")))
-            return f"layer {l} · head {h}\n{s}", attn[l][h].numpy()
+            return f"layer {li} · head {h}\n{s}", attn[li][h].numpy()
 
         if all_layers:
-            grid = [[panel(l, h) for h in head_list] for l in layers]
+            grid = [[panel(li, h) for h in head_list] for li in layers]
         else:
             cells = [panel(layer, h) for h in head_list]
             ncols = min(4, len(cells))

@@ -17,7 +17,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import load_run
+from ..config import SampleConfig
 from ..errors import PicoError
+from ..models.hooks import run_with_cache
+from ..sampling import generate
 
 TABLE_TITLES = {"input": "input embedding", "output": "output embedding"}
 
@@ -155,24 +159,15 @@ def hidden_states(model, ids: list[int]) -> torch.Tensor:
     for the transformer, run in windows of block_size; the top LSTM layer's output; the k-gram MLP's
     last hidden layer."""
     cfg = model.cfg
-    store = []
     if cfg.model == "transformer":
-        module, grab, window = model.ln_f, (lambda inp, out: inp[0]), cfg.block_size
-    elif cfg.model == "lstm":
-        module, grab, window = model.lstm, (lambda inp, out: out[0]), len(ids)
-    else:
-        module, grab, window = model.net[-1], (lambda inp, out: inp[0]), len(ids)
-    hook = module.register_forward_hook(lambda m, inp, out: store.append(grab(inp, out)[0].float().cpu()))
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        for s in range(0, len(ids), window):
-            model(torch.tensor([ids[s:s + window]], dtype=torch.long, device=device))
-    finally:
-        hook.remove()
-        if was_training:
-            model.train()
+        name, window = f"blocks.{cfg.n_layer - 1}.hook_resid_post", cfg.block_size
+    else:  # what the head reads: the top LSTM layer's output, the k-gram MLP's last hidden layer
+        name, window = "ln_final.hook_normalized", len(ids)
+    device = next(model.parameters()).device
+    store = []
+    for s in range(0, len(ids), window):
+        _, cache = run_with_cache(model, torch.tensor([ids[s:s + window]], dtype=torch.long, device=device), [name])
+        store.append(cache[name][0].float().cpu())
     return torch.cat(store)  # (T, D)
 
 
@@ -212,8 +207,6 @@ def parse_tokens(spec: str) -> list[str]:
 def neighbors_report(run_dir: str, tokens: Optional[str] = None, k: int = 8, n_clusters: Optional[int] = None,
                      text: Optional[str] = None, seed: int = 0, top: int = 10) -> str:
     """`pico-llm neighbors`: the text it prints."""
-    from ..checkpoint import load_run
-
     if tokens is None and n_clusters is None:
         raise PicoError("give --tokens (nearest neighbours) and/or --clusters K")
     if text is not None and n_clusters is None:
@@ -247,9 +240,6 @@ def monosemantic_annotations(model, tokenizer, prompt: str, max_new_tokens: int 
                              top_n: int = 3) -> list[tuple[str, list[tuple[str, float]]]]:
     """Greedy-decode from the prompt; for each generated token, its top_n input-embedding neighbours:
     [(token text, [(neighbour text, cosine)])]."""
-    from ..config import SampleConfig
-    from ..sampling import generate
-
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt)
     out = generate(model, torch.tensor([ids], device=device), SampleConfig(max_new_tokens=max_new_tokens, greedy=True))
@@ -261,8 +251,6 @@ def monosemantic_annotations(model, tokenizer, prompt: str, max_new_tokens: int 
 def monosemantic_report(run_dir: str, top_n: int = 3) -> str:
     """The classic --monosemantic_enabled output for a finished run: its greedy sample from the training
     prompt, each generated token with its nearest input-embedding neighbours."""
-    from ..checkpoint import load_run
-
     model, tok, (mcfg, _, tcfg) = load_run(run_dir)
     rows = monosemantic_annotations(model, tok, tcfg.prompt, tcfg.max_new_tokens, top_n)
     lines = [f"monosemantic ({mcfg.model}, {run_dir}): greedy from {tcfg.prompt!r}, each generated token "

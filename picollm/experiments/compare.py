@@ -15,6 +15,8 @@ from typing import Callable, Optional
 
 from .. import checkpoint as ckpt
 from ..errors import PicoError
+from ..plots import loss_panels
+from .sweep import read_sweep
 
 COMPARE_MD, COMPARE_PNG = "compare.md", "compare.png"
 
@@ -78,8 +80,6 @@ def run_stats(records: list[dict], patience: int = 3) -> dict:
 def resolve_runs(paths: list[str]) -> list[str]:
     """Run directories from the arguments: a run stands for itself, a directory of runs for those runs
     (in the order of its sweep.json when it is a sweep, else sorted)."""
-    from .sweep import read_sweep
-
     out = []
     for p in paths:
         if not os.path.exists(p):
@@ -135,8 +135,6 @@ def compare_runs(paths: list[str], out: Optional[str] = None, patience: int = 3,
                  log: Callable[[str], None] = print) -> dict:
     """Table and overlaid loss curves of several runs; writes OUT/compare.md and OUT/compare.png (OUT: the
     runs' common parent directory unless given). Returns {"table", "runs": {label: stats}, "md", "png"}."""
-    from ..plots import loss_panels
-
     if patience < 1:
         raise PicoError("--patience must be >= 1")
     runs = resolve_runs(paths)

@@ -15,7 +15,12 @@ import unicodedata
 from typing import Callable, Optional
 
 from .. import checkpoint as ckpt
+from ..config import SampleConfig
 from ..errors import PicoError
+from ..plots import loss_panels, run_curves
+from ..sampling import generate_text, sample_settings
+from .compare import resolve_runs, run_labels, run_stats
+from .sweep import RESULT_COLUMNS, _cell, read_sweep, results, sweep_figures
 
 REPORT = "report.html"
 SAMPLE_P = "greedy,0.5,0.95,1.0"
@@ -121,12 +126,7 @@ def _cards(items: list[tuple[str, str]]) -> str:
 def samples(run: str, prompt: Optional[str] = None, spec: str = SAMPLE_P, max_new_tokens: int = 40,
             seed: int = 0) -> tuple[str, list[tuple[str, str]]]:
     """(prompt, [(setting, completion)]) sampled from a run at each setting of `spec`."""
-    import picollm
-
-    from ..config import SampleConfig
-    from ..sampling import generate_text, sample_settings
-
-    model, tok, (_, _, tcfg) = picollm.load(run)
+    model, tok, (_, _, tcfg) = ckpt.load_run(run)
     prompt = prompt or tcfg.prompt
     out = []
     for label, cfg in sample_settings(spec, SampleConfig(max_new_tokens=max_new_tokens, seed=seed)):
@@ -155,9 +155,6 @@ def _config_html(run: str) -> str:
 
 
 def _run_body(run: str, max_new_tokens: int, seed: int, plots: bool = True) -> str:
-    from ..plots import run_curves
-    from .compare import run_stats
-
     records = ckpt.read_metrics(run)
     summary = ckpt.read_summary(run) if os.path.isfile(os.path.join(run, ckpt.SUMMARY)) else None
     st = run_stats(records)
@@ -206,10 +203,6 @@ def _finite(v) -> bool:
 
 
 def _collection_body(root: str, max_new_tokens: int, seed: int) -> tuple[str, str]:
-    from ..plots import loss_panels
-    from .compare import resolve_runs, run_labels, run_stats
-    from .sweep import RESULT_COLUMNS, _cell, read_sweep, results, sweep_figures
-
     meta = read_sweep(root)
     runs = resolve_runs([root])
     labels = run_labels(runs)

@@ -34,6 +34,7 @@ import torch
 
 from ..device import cpu_flags
 from ..fsio import cache_dir
+from .transformer import Transformer
 
 _SOURCE = Path(__file__).with_name("fused_decode.c")
 _FLAGS = [["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"]]  # the second where the compiler lacks -march=native
@@ -111,8 +112,6 @@ def _library() -> ctypes.CDLL:
 
 def fused_unavailable(model) -> Optional[str]:
     """None when FusedDecoder can serve this model, else why not (one line)."""
-    from .transformer import Transformer
-
     if not isinstance(model, Transformer):
         return f"the fused decoder serves the Transformer only, not {type(model).__name__}"
     w = model.blocks[0].attn.qkv.weight

@@ -12,6 +12,15 @@ num_inner_mlp_layers -> Linear(n_embd, V):
   conv       token embeddings -> Conv1d(n_embd, n_embd, kernel k) over the left-padded sequence. Each
              output sees exactly one window, so it is the embedding variant's function class, run as
              a convolution over the sequence instead of over materialised windows.
+
+Hook points (hooks.py), named as the Transformer's where they mean the same. Hidden layer j (0..n, n =
+num_inner_mlp_layers) is SiLU(pre_j), with pre_0 the features and pre_j = Linear(post_{j-1}) after:
+  hook_embed                (B, T, C)  the features: first-layer pre-activations (the variant's output)
+  mlp.{j}.hook_pre          (B, T, C)  hidden layer j before the SiLU (mlp.0.hook_pre sees hook_embed's
+                                       output, as a Transformer's resid_post and the next resid_pre do)
+  mlp.{j}.hook_post         (B, T, C)  hidden layer j after the SiLU, before its dropout
+  ln_final.hook_normalized  (B, T, C)  what the head (the last Linear) reads (there is no norm)
+With kgram_chunk_size set, a forward with any hook attached runs unchunked, so that each hook fires once.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
+from .hooks import HookPoint, any_hooked, setup_hook_points
 
 PAD = -1
 
@@ -54,6 +64,11 @@ class KGramMLP(nn.Module):
             layers += [nn.Linear(C, C), nn.SiLU(), nn.Dropout(cfg.dropout)]
         layers.append(nn.Linear(C, V))
         self.net = nn.Sequential(*layers)
+        self.hook_embed = HookPoint()
+        self.mlp_hooks = nn.ModuleList(HookPoint(f"mlp.{j}.hook_{w}") for j in range(cfg.num_inner_mlp_layers + 1)
+                                       for w in ("pre", "post"))
+        self.hook_normalized = HookPoint("ln_final.hook_normalized")
+        setup_hook_points(self)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         history = idx.new_full((idx.size(0), self.k - 1), PAD)
@@ -71,11 +86,25 @@ class KGramMLP(nn.Module):
         """ctx (B, k-1+T): k-1 tokens of history (or PAD) then the T positions to predict from."""
         T = ctx.size(1) - (self.k - 1)
         chunk = self.cfg.kgram_chunk_size or T
+        if chunk < T and any_hooked(self):
+            chunk = T
         out = []
         for s in range(0, T, chunk):  # chunks only bound memory; each one is fully vectorised
             e = min(s + chunk, T)
-            out.append(self.net(self._features(ctx[:, s:e + self.k - 1])))  # (B, e-s, V)
+            out.append(self._mlp(self._features(ctx[:, s:e + self.k - 1])))  # (B, e-s, V)
         return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """features (B, t, C) -> logits (B, t, V): self.net layer by layer, between the hook points.
+        Hidden layer j is [Linear (j >= 1),] SiLU, Dropout; the last Linear is the head."""
+        layers, hooks = iter(self.net), iter(self.mlp_hooks)
+        h = self.hook_embed(h)
+        for j, (pre, post) in enumerate(zip(hooks, hooks)):  # (mlp.j.hook_pre, mlp.j.hook_post)
+            if j:
+                h = next(layers)(h)
+            act, drop = next(layers), next(layers)
+            h = drop(post(act(pre(h))))
+        return next(layers)(self.hook_normalized(h))
 
     def _features(self, ctx: torch.Tensor) -> torch.Tensor:
         """ctx (B, k-1+t) -> first-layer pre-activations (B, t, C)."""

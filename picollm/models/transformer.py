@@ -3,6 +3,26 @@ functions / small modules, then attention, MLP, block, and the model with its KV
 
 Every architectural choice is a ModelConfig field: pos_emb (none | learned | sinusoidal | rope),
 norm (rmsnorm | layernorm), norm_placement (pre | post), mlp (gelu | swiglu), bias, tie_weights.
+
+Hook points (hooks.py; TransformerLens names, shapes for a forward over T tokens):
+  hook_embed                  (B, T, C)  token embedding plus the learned / sinusoidal positions, before
+                                         the embedding dropout (RoPE is applied to q and k instead)
+  blocks.{i}.hook_resid_pre   (B, T, C)  the block's input
+  blocks.{i}.attn.hook_q/k/v  (B, nh, T, hs)  q and k after RoPE
+  blocks.{i}.attn.hook_pattern (B, nh, T, T_keys)  the softmax weights before dropout; hooking it
+                                         switches that layer to the explicit softmax path
+  blocks.{i}.attn.hook_z      (B, T, nh, hs)  each head's output before the output projection (every
+                                         attention path has it: hooking z keeps SDPA / the CPU product)
+  blocks.{i}.hook_attn_out    (B, T, C)  the attention's output (after the projection and its dropout)
+  blocks.{i}.hook_resid_mid   (B, T, C)  pre-norm: x + attn_out; post-norm: ln_1(x + attn_out), the
+                                         stream the MLP reads and adds to
+  blocks.{i}.mlp.hook_pre     (B, T, H)  before the nonlinearity: fc(x) for gelu, the gate for swiglu
+  blocks.{i}.mlp.hook_post    (B, T, H)  after it: gelu(fc(x)), or silu(gate) * up for swiglu
+  blocks.{i}.hook_mlp_out     (B, T, C)  the MLP's output (after its dropout)
+  blocks.{i}.hook_resid_post  (B, T, C)  the block's output (post-norm: after ln_2)
+  ln_final.hook_normalized    (B, T, C)  what the head reads: ln_f's output (post-norm: the last block's)
+In a KV-cache step() they fire too, over the t new tokens (q/k/v before they are written to the cache;
+the pattern (B, nh, t, pos + t) over every cached key).
 """
 
 from __future__ import annotations
@@ -15,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .hooks import HookPoint, setup_hook_points
 
 # ----------------------------------------------------------------------------- positions
 
@@ -89,13 +110,15 @@ def causal_mask(t: int, start: int, device=None) -> torch.Tensor:
     return torch.ones(t, start + t, dtype=torch.bool, device=device).tril(diagonal=start)
 
 
-def explicit_attention(q, k, v, mask: torch.Tensor, dropout_p: float = 0.0):
-    """softmax(q k^T / sqrt(hs)) v with a boolean mask; returns (y, weights before dropout)."""
+def explicit_attention(q, k, v, mask: torch.Tensor, dropout_p: float = 0.0, hook_pattern=None):
+    """softmax(q k^T / sqrt(hs)) v with a boolean mask; hook_pattern(weights) sees (and may replace) the
+    weights before dropout. Returns y (B, nh, t, hs)."""
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, t, Tk)
     att = att.masked_fill(~mask, float("-inf"))
     att = F.softmax(att.float(), dim=-1).type_as(q)
-    y = F.dropout(att, p=dropout_p) @ v  # (B, nh, t, hs)
-    return y, att
+    if hook_pattern is not None:
+        att = hook_pattern(att)
+    return F.dropout(att, p=dropout_p) @ v  # (B, nh, t, hs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -108,11 +131,13 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout  # attention weights and the residual branch
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_pattern, self.hook_z = HookPoint(), HookPoint()
 
-    def forward(self, x, rope=None, kv=None, start: int = 0, return_attn: bool = False):
+    def forward(self, x, rope=None, kv=None, start: int = 0):
         """x: (B, t, C) at positions start..start+t-1. rope: (cos, sin) for those positions.
         kv: this layer's (k, v) cache buffers (B, nh, block_size, hs), written in place; without
-        one, start must be 0. Returns (y (B, t, C), attention weights (B, nh, t, start+t) or None)."""
+        one, start must be 0. Returns y (B, t, C); the attention weights are hook_pattern's."""
         B, t, C = x.size()
         qkv = self.qkv(x).view(B, t, 3, self.n_head, self.head_size)  # q, k, v heads side by side
         if rope is not None:  # q and k rotated together: (B, t, 2, nh, hs)
@@ -121,6 +146,7 @@ class CausalSelfAttention(nn.Module):
         else:
             q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # (B, nh, t, hs) each
         v = qkv[:, :, 2].transpose(1, 2)  # (B, nh, t, hs)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if kv is not None:
             k_buf, v_buf = kv
             k_buf[:, :, start:start + t] = k
@@ -129,16 +155,14 @@ class CausalSelfAttention(nn.Module):
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
         dropout_p = self.dropout if self.training else 0.0
-        att = None
-        if return_attn:
-            y, att = explicit_attention(q, k, v, causal_mask(t, start, x.device), dropout_p)
+        if self.hook_pattern.hooked:  # only the explicit path computes the weights
+            y = explicit_attention(q, k, v, causal_mask(t, start, x.device), dropout_p, self.hook_pattern)
         elif start == 0 and x.device.type == "cpu" and self.written_out_on_cpu:
             # On CPUs the written-out product is faster than SDPA's kernels at these sizes (measured on
             # T4 under bf16 autocast: ~15% of a training step); same math, no weights kept
             att_bias = torch.full((t, t), float("-inf"), dtype=q.dtype, device=x.device).triu(1)
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_size)) + att_bias  # (B, nh, t, t)
             y = F.dropout(att.softmax(dim=-1), p=dropout_p) @ v  # (B, nh, t, hs)
-            att = None
         elif start == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
@@ -146,8 +170,9 @@ class CausalSelfAttention(nn.Module):
             # (is_causal would align the triangle to the top-left corner, which is wrong here)
             mask = None if t == 1 else causal_mask(t, start, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = self.proj(y.transpose(1, 2).reshape(B, t, C))  # (B, t, C)
-        return maybe_dropout(y, self.dropout, self.training), att
+        z = self.hook_z(y.transpose(1, 2))  # (B, t, nh, hs)
+        y = self.proj(z.reshape(B, t, C))  # (B, t, C)
+        return maybe_dropout(y, self.dropout, self.training)
 
 
 # ----------------------------------------------------------------------------- MLP and block
@@ -169,14 +194,15 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
 
     def forward(self, x):
         h = self.fc(x)  # (B, T, H) or (B, T, 2H)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)  # (B, T, H) each
-            h = F.silu(gate) * up
+            h = self.hook_post(F.silu(self.hook_pre(gate)) * up)
         else:
-            h = F.gelu(h)
+            h = self.hook_post(F.gelu(self.hook_pre(h)))
         return maybe_dropout(self.proj(h), self.dropout, self.training)  # (B, T, C)
 
 
@@ -184,21 +210,25 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.pre_norm = cfg.norm_placement == "pre"
+        self.hook_resid_pre = HookPoint()  # hook points registered in forward order, so listed in it
         self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
+        self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint()
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
 
-    def forward(self, x, rope=None, kv=None, start: int = 0, return_attn: bool = False):
+    def forward(self, x, rope=None, kv=None, start: int = 0):
+        x = self.hook_resid_pre(x)
         if self.pre_norm:
-            a, att = self.attn(self.ln_1(x), rope, kv, start, return_attn)
-            x = x + a
-            x = x + self.mlp(self.ln_2(x))
+            a = self.attn(self.ln_1(x), rope, kv, start)
+            x = self.hook_resid_mid(x + self.hook_attn_out(a))
+            x = x + self.hook_mlp_out(self.mlp(self.ln_2(x)))
         else:
-            a, att = self.attn(x, rope, kv, start, return_attn)
-            x = self.ln_1(x + a)
-            x = self.ln_2(x + self.mlp(x))
-        return x, att
+            a = self.attn(x, rope, kv, start)
+            x = self.hook_resid_mid(self.ln_1(x + self.hook_attn_out(a)))
+            x = self.ln_2(x + self.hook_mlp_out(self.mlp(x)))
+        return self.hook_resid_post(x)
 
 
 # ----------------------------------------------------------------------------- model
@@ -229,9 +259,11 @@ class Transformer(nn.Module):
             cos, sin = precompute_rope(cfg.head_size, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
             self.register_buffer("rope_sin", sin, persistent=False)
+        self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         # post-norm blocks end in a norm already; pre-norm needs one before the head
         self.ln_f = make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
+        self.hook_normalized = HookPoint("ln_final.hook_normalized")  # ln_f may be a plain nn.LayerNorm
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # no bias, as in GPT-2 / Llama
         if cfg.tie_weights:
             self.head.weight = self.wte.weight
@@ -240,6 +272,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        setup_hook_points(self)
 
     @staticmethod
     def _init_weights(module):
@@ -254,15 +287,13 @@ class Transformer(nn.Module):
     def get_output_embeddings(self) -> torch.Tensor:
         return self.head.weight  # (V, C); the same tensor as the input embeddings when tied
 
-    def forward(self, idx: torch.Tensor, return_attn: bool = False):
-        """idx (B, T) -> logits (B, T, V); with return_attn=True, (logits, [attn (B, nh, T, T)] * n_layer)
-        through the explicit softmax path instead of SDPA."""
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, V). Activations: the hook points (module docstring, hooks.py)."""
         T = idx.size(1)
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}; "
                              f"feed at most the last {self.cfg.block_size} tokens")
-        logits, attn = self._run(idx, None, 0, return_attn)
-        return (logits, attn) if return_attn else logits
+        return self._run(idx, None, 0)
 
     def new_state(self, batch_size: int, device) -> KVCache:
         c = self.cfg
@@ -279,26 +310,24 @@ class Transformer(nn.Module):
                              f"{self.cfg.block_size}; start a new state with the last tokens")
         if idx.size(0) != state.k.size(1):
             raise ValueError(f"batch size {idx.size(0)} does not match the state's {state.k.size(1)}")
-        logits, _ = self._run(idx, state, state.pos, False)
+        logits = self._run(idx, state, state.pos)
         state.pos += t
         return logits, state
 
-    def _run(self, idx, cache, start: int, return_attn: bool):
+    def _run(self, idx, cache, start: int):
         t = idx.size(1)
         x = self.wte(idx)  # (B, t, C)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + t, device=idx.device))  # (t, C) broadcast
         elif self.cfg.pos_emb == "sinusoidal":
             x = x + self.pos_table[start:start + t].to(x.dtype)
-        x = maybe_dropout(x, self.cfg.dropout, self.training)
+        x = maybe_dropout(self.hook_embed(x), self.cfg.dropout, self.training)
         rope = None
         if self.cfg.pos_emb == "rope":  # (t, 1, 1, hs/2): broadcast over batch, {q, k} and heads
             rope = (self.rope_cos[start:start + t, None, None], self.rope_sin[start:start + t, None, None])
-        attn = []
         for i, block in enumerate(self.blocks):
-            x, att = block(x, rope, (cache.k[i], cache.v[i]) if cache is not None else None, start, return_attn)
-            attn.append(att)
-        return self.head(self.ln_f(x)), attn  # (B, t, V)
+            x = block(x, rope, (cache.k[i], cache.v[i]) if cache is not None else None, start)
+        return self.head(self.hook_normalized(self.ln_f(x)))  # (B, t, V)
 
     def flops_per_token(self) -> int:
         """Exact matmul FLOPs per trained token, 3x forward (backward = 2x forward): every Linear
