@@ -230,3 +230,64 @@ def test_eval_scores_in_the_precision_the_run_trained_in(tmp_path):
     assert abs(fp32 - s["test_loss"]) > 1e-5  # the override works, and precision shows in the figure
     with pytest.raises(PicoError, match="fp16 needs a CUDA device"):
         evaluate_run(run, precision="fp16", **same)
+
+
+# --------------------------------------------------------------------------- found in the review of issue 12
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "picollm")
+
+
+def test_the_end_of_text_token_is_spelt_once():
+    """EOT was defined in three modules; now config.EOT is the one definition the others import."""
+    defined = re.compile(r'^\s*\w+\s*=\s*"<\|endoftext\|>"', re.M)
+    spelt = [os.path.relpath(os.path.join(d, f), PACKAGE) for d, _, fs in os.walk(PACKAGE) for f in fs
+             if f.endswith(".py") and defined.search(open(os.path.join(d, f), encoding="utf-8").read())]
+    assert spelt == ["config.py"]
+    from picollm.config import EOT
+    from picollm.data import sources, tokenizers
+
+    assert sources.EOT is EOT and tokenizers.EOT is EOT
+
+
+def test_the_bpe_vocabulary_minimum_is_one_number(capsys, tmp_path):
+    """The config said 260, the tokenizer 257: 256 bytes + EOT is the real minimum, in both places."""
+    from picollm.config import MIN_BPE_VOCAB
+    from picollm.data.tokenizers import build_tokenizer
+
+    assert MIN_BPE_VOCAB == 257
+    assert DataConfig(dataset="numbers", vocab_size=257).vocab_size == 257  # refused before (>= 260)
+    tok = build_tokenizer("bpe", ["0 1 2 3 4 5 6 7 8 9"] * 20, vocab_size=257)
+    assert tok.vocab_size <= 257 and tok.decode(tok.encode("0 1 2")) == "0 1 2"
+    with pytest.raises(PicoError, match="must be >= 257"):
+        DataConfig(dataset="numbers", vocab_size=256)
+    with pytest.raises(PicoError, match="must be >= 257"):
+        build_tokenizer("bpe", ["a b"], vocab_size=256)
+    assert main(["train", "--dataset", "numbers", "--vocab_size", "256", "--output_dir", str(tmp_path)]) == 2
+    assert "must be >= 257" in one_line_error(capsys)
+
+
+def test_bench_times_the_training_loops_own_step(monkeypatch):
+    """bench timed a step of its own (no GradScaler, no accumulation); now it calls training.train_step."""
+    from picollm import bench
+    from picollm.training import train_step
+
+    calls = []
+    monkeypatch.setattr(bench, "T4", dict(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    monkeypatch.setattr(bench, "PEAK_MATMUL_N", 64)
+    monkeypatch.setattr(bench, "train_step", lambda *a, **k: calls.append(a[0]) or train_step(*a, **k))
+    out = bench.bench_train("cpu", quick=True, precision="fp32")
+    assert out["transformer"]["tokens_per_s"] > 0 and len(calls) >= 4 * 7  # 4 contenders x (2 warm-up + 5 rounds)
+    assert {type(s.model).__name__ for s in calls} >= {"Transformer", "LSTMLM", "KGramMLP"}
+
+
+def test_an_lstm_trains_under_cpu_bf16_autocast():
+    """oneDNN has no bf16 LSTM without AVX-512 ('could not create a primitive descriptor'): the LSTM
+    runs in fp32 there, the rest of the model in bf16."""
+    cfg = ModelConfig(model="lstm", vocab_size=40, n_embd=16, block_size=8)
+    model = build_model(cfg)
+    x = torch.randint(40, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    logits.float().sum().backward()
+    assert logits.shape == (2, 8, 40) and model.lstm.weight_ih_l0.grad is not None
+    torch.testing.assert_close(logits.float(), model(x), atol=0.05, rtol=0.05)
