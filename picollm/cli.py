@@ -17,6 +17,8 @@ from .analysis.attention import attention_report
 from .analysis.neighbors import monosemantic_report, neighbors_report
 from .bench import format_report, run_bench
 from .config import SampleConfig
+from .data.corpus import build_corpus, prepared_table
+from .data.prepare import info_table
 from .data.sources import generate_numbers
 from .device import enable_transparent_huge_pages, resolve_device, resolve_precision
 from .errors import PicoError
@@ -28,10 +30,12 @@ from .experiments.tensorboard import tensorboard_sinks
 from .export import export_hf
 from .flags import (
     CLASSIC_DEFAULTS,
+    DATA_FLAGS,
     Parser,
     add_train_arguments,
     complete,
     configs_from_args,
+    data_config,
     parse_models,
     resume_configs,
 )
@@ -123,6 +127,15 @@ def cmd_neighbors(a: argparse.Namespace) -> int:
 
 
 def cmd_data(a: argparse.Namespace) -> int:
+    if a.action == "info":
+        print(info_table(), end="")
+        return 0
+    if a.action == "prepare":
+        corpus = build_corpus(data_config(complete(a)), progress=not a.no_progress)
+        tok = corpus.tokenizer
+        print(prepared_table(corpus), end="")
+        print(f"tokenizer: {tok.name}, {tok.vocab_size} ids (identity {tok.identity[:16]})")
+        return 0
     if a.count < 1:
         raise PicoError("--count must be >= 1")
     if os.path.isdir(a.out):
@@ -221,10 +234,15 @@ def neighbors_args(nb: argparse.ArgumentParser) -> None:
 
 
 def data_args(d: argparse.ArgumentParser) -> None:
-    d.add_argument("corpus", choices=["numbers"])
-    d.add_argument("--out", required=True)
-    d.add_argument("--count", type=int, default=3333)
-    d.add_argument("--seed", type=int, default=0)
+    actions = d.add_subparsers(dest="action", required=True, parser_class=Parser)
+    numbers = actions.add_parser("numbers", help="write the built-in numeric corpus to a file")
+    numbers.add_argument("--out", required=True)
+    numbers.add_argument("--count", type=int, default=3333)
+    numbers.add_argument("--seed", type=int, default=0)
+    prepare = actions.add_parser("prepare", help="split, tokenize and cache the data that train's data flags name; "
+                                                 "print where it is")
+    add_train_arguments(prepare, only=DATA_FLAGS)
+    actions.add_parser("info", help="what is in the prepared-data cache: sizes, token counts, tokens per byte")
 
 
 def export_args(x: argparse.ArgumentParser) -> None:
@@ -276,7 +294,8 @@ COMMANDS: tuple[Command, ...] = (
     ("eval", "test loss, perplexity, bits per byte, continuation accuracy", eval_args, cmd_eval),
     ("attention", "attention heat-maps of a layer's heads on a prompt; per-head scores", attention_args, cmd_attention),
     ("neighbors", "nearest tokens in embedding space; k-means clusters", neighbors_args, cmd_neighbors),
-    ("data", "write a built-in corpus", data_args, cmd_data),
+    ("data", "prepare data once (data prepare), see what is cached (data info), write a built-in corpus",
+     data_args, cmd_data),
     ("export", "write a Transformer run as a Hugging Face transformers model", export_args, cmd_export),
     ("bench", "speed: training tokens/s and MFU, generation, k-gram, tokenizer", bench_args, cmd_bench),
     ("sweep", "train one run per point of a grid / list over train flags (TOML spec)", sweep_args, cmd_sweep),

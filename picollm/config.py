@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .errors import PicoError
 
@@ -13,6 +13,7 @@ MODELS = ("lstm", "kgram", "transformer")
 TOKENIZERS = ("bpe", "gpt2", "byte")
 EOT = "<|endoftext|>"  # the one special token: separates documents, ends generation
 MIN_BPE_VOCAB = 257  # 256 byte-level tokens + EOT
+SPLIT_RULE = "hash-v1"  # a stable hash of each document (data/prepare.py); runs from before it say "seeded-shuffle"
 DATASETS = ("files", "numbers")
 INPUT_MODES = ("lines", "documents")
 BATCHINGS = ("packed", "padded")
@@ -64,8 +65,10 @@ class DataConfig(_JSON):
     numbers_count: int = 20000
     tinystories_weight: float = 0.0
     tinystories_path: Optional[str] = None
-    tinystories_subset: int = 20000
+    tinystories_subset: Union[int, str] = 20000  # the first N stories, or "all"
+    tinystories_valid_path: Optional[str] = None  # the official validation file: TinyStories' test split
     test_fraction: float = 0.1
+    split: str = SPLIT_RULE  # how documents are held out; a run's own rule is kept in its config.json
     tokenizer: str = "bpe"
     vocab_size: int = 4096
     batching: str = "packed"  # packed windows | padded examples
@@ -82,12 +85,28 @@ class DataConfig(_JSON):
         _check(self.limit_custom_examples is None or self.limit_custom_examples >= 1,
                "--limit_custom_examples must be >= 1")
         _check(self.numbers_count >= 1, "--numbers_count must be >= 1")
-        _check(self.tinystories_subset >= 1, "--tinystories_subset must be >= 1")
+        subset = self.tinystories_subset
+        _check(subset == "all" or (isinstance(subset, int) and not isinstance(subset, bool) and subset >= 1),
+               f"--tinystories_subset must be a number >= 1 or 'all', got {subset!r}")
+        _check(self.tinystories_valid_path is None or self.tinystories_weight > 0,
+               "--tinystories_valid_path is TinyStories' test split: it needs --tinystories_weight > 0")
         _check(self.vocab_size >= MIN_BPE_VOCAB,
                f"--vocab_size must be >= {MIN_BPE_VOCAB} (256 bytes + {EOT}), got {self.vocab_size}")
+        _choice("split", self.split, (SPLIT_RULE, "seeded-shuffle"))
         if self.dataset == "files":
             _check(bool(self.input_files or self.input_dir or self.tinystories_weight > 0),
                    "no training data: give --input_files, --input_dir, --tinystories_weight > 0 or --dataset numbers")
+
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """A config.json written before the hash split has no "split": its run held out a seeded shuffle."""
+        return super().from_dict({"split": "seeded-shuffle", **d})
+
+    @property
+    def subset_count(self) -> Optional[int]:
+        """The number of TinyStories stories to read; None: all of them."""
+        return None if self.tinystories_subset == "all" else self.tinystories_subset
 
 
 @dataclass

@@ -43,6 +43,16 @@ class Parser(argparse.ArgumentParser):
         raise PicoError(f"{self.prog}: {message}")
 
 
+def parse_subset(s: str):
+    """--tinystories_subset: a number of stories, or "all"."""
+    if s.strip().lower() == "all":
+        return "all"
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of stories or 'all', got {s!r}") from None
+
+
 def parse_bool(s: str) -> bool:
     v = s.strip().lower()
     if v in ("1", "true", "yes", "on"):
@@ -84,7 +94,10 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     F("numbers_count", "data", int, 20000, "sequences in the built-in numeric corpus"),
     F("tinystories_weight", "data", float, 0.0, "probability that an example comes from TinyStories (0 skips loading it)"),
     F("tinystories_path", "data", help="local TinyStories .txt / .parquet / .jsonl"),
-    F("tinystories_subset", "data", int, 20000),
+    F("tinystories_valid_path", "data",
+      help="the official TinyStories-valid file (.txt / .parquet / .jsonl): TinyStories' test split, all of it, "
+           "instead of a hash split (from the hub: its validation split)"),
+    F("tinystories_subset", "data", parse_subset, 20000, "the first N stories, or all"),
     F("test_fraction", "data", float, 0.1),
     F("tokenizer", "data", default="bpe", values=TOKENIZERS),
     F("vocab_size", "data", int, 4096, "bpe vocabulary size"),
@@ -155,11 +168,17 @@ CLASSIC_DEFAULTS = dict(models="lstm", tokenizer="gpt2", tinystories_weight=0.5,
 NUMBERS_EPOCHS, DEFAULT_EPOCHS = 8, 1
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """The training flag set, starter names first. Flags not given are left out of the parse
-    (argparse.SUPPRESS): `complete()` fills in the defaults and records which were given."""
+# `pico-llm data prepare`: the flags that determine the data (--seed seeds the numeric corpus).
+DATA_FLAGS = tuple(f.name for f in TRAIN_FLAGS if f.group == "data") + ("seed", "no_progress")
+
+
+def add_train_arguments(p: argparse.ArgumentParser, only: Optional[tuple[str, ...]] = None) -> None:
+    """The training flag set (or the flags named in `only`), starter names first. Flags not given are left
+    out of the parse (argparse.SUPPRESS): `complete()` fills in the defaults and records which were given."""
     groups = {}
     for f in TRAIN_FLAGS:
+        if only is not None and f.name not in only:
+            continue
         g = groups.get(f.group) or groups.setdefault(f.group, p.add_argument_group(f.group))
         shown = f" ({_one_of(f.values)})" if f.values else ""
         kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=(f.help + shown).strip() or None)
@@ -205,6 +224,7 @@ def data_config(a: argparse.Namespace) -> DataConfig:
                       input_mode=a.input_mode, limit_custom_examples=a.limit_custom_examples,
                       numbers_count=a.numbers_count, tinystories_weight=a.tinystories_weight,
                       tinystories_path=a.tinystories_path, tinystories_subset=a.tinystories_subset,
+                      tinystories_valid_path=a.tinystories_valid_path,
                       test_fraction=a.test_fraction, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
                       batching=a.batching, seed=a.seed)
 

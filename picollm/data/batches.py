@@ -1,8 +1,9 @@
-"""From documents to training batches.
+"""From token arrays to training batches.
 
-Stages (as in llama2.c's pipeline): documents per source -> de-duplicated, seeded train/test split by
-document -> tokenized once into a flat token array per split (documents joined by end-of-text; a numpy
-memmap once it is large) -> batches.
+A split of a source is a TokenSplit: its documents' tokens in one flat array, each document followed by
+end-of-text, with each document's start and length. Prepared data (prepare.py) holds them as memory-mapped
+files, so nothing here loads a corpus into memory or into Python lists: batches are cut from the arrays by
+numpy fancy indexing.
 
 Two batchings:
 - packed (default): random windows of block_size + 1 tokens from the joined array;
@@ -15,10 +16,8 @@ that is exactly the starter's --tinystories_weight).
 from __future__ import annotations
 
 import math
-import os
-import random
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,33 +25,18 @@ import torch
 from ..errors import PicoError
 
 IGNORE_INDEX = -100
-MEMMAP_MIN_TOKENS = 1 << 24  # above this many tokens a split lives in a .bin file, memory-mapped
-
-
-def split_documents(docs: list[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded split by document. Duplicates are removed first, so no test text is ever trained on."""
-    unique = list(dict.fromkeys(docs))
-    order = list(range(len(unique)))
-    random.Random(seed).shuffle(order)
-    n_test = int(round(len(unique) * test_fraction))
-    if test_fraction > 0 and n_test == 0 and len(unique) >= 2:
-        n_test = 1
-    if n_test >= len(unique):
-        raise PicoError(f"only {len(unique)} distinct documents: too few for --test_fraction {test_fraction}")
-    test_idx = set(order[:n_test])
-    train = [d for i, d in enumerate(unique) if i not in test_idx]
-    test = [d for i, d in enumerate(unique) if i in test_idx]
-    return train, test
 
 
 @dataclass
 class TokenSplit:
-    """One split of one source: documents joined by end-of-text into a flat array."""
+    """One split of one source: documents joined by end-of-text into a flat array (numpy arrays or
+    read-only memmaps of a prepared directory)."""
 
     tokens: np.ndarray  # (N,) uint16 or uint32, every document followed by eot
-    starts: np.ndarray  # (D,) offset of each document in tokens
-    lengths: np.ndarray  # (D,) document length in tokens, the eot excluded
+    starts: np.ndarray  # (D,) int64 offset of each document in tokens
+    lengths: np.ndarray  # (D,) int64 document length in tokens, the eot excluded
     n_bytes: int  # UTF-8 bytes of the documents
+    path: Optional[str] = None  # the prepared directory it was read from
 
     @property
     def n_docs(self) -> int:
@@ -62,25 +46,29 @@ class TokenSplit:
         return self.tokens[self.starts[i]: self.starts[i] + self.lengths[i]]
 
 
-def tokenize_split(docs: list[str], tokenizer, cache_path: Optional[str] = None) -> TokenSplit:
-    ids = tokenizer.encode_batch(docs) if docs else []
-    lengths = np.array([len(x) for x in ids], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64) if len(ids) else np.zeros(0, np.int64)
-    total = int((lengths + 1).sum())
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    if cache_path is not None and total >= MEMMAP_MIN_TOKENS:
-        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        tokens = np.lib.format.open_memmap(cache_path, mode="w+", dtype=dtype, shape=(total,))
-    else:
-        tokens = np.empty(total, dtype=dtype)
-    for s, x in zip(starts, ids):
-        tokens[s: s + len(x)] = x
-        tokens[s + len(x)] = tokenizer.eot_id
-    if isinstance(tokens, np.memmap):
-        tokens.flush()
-        tokens = np.load(cache_path, mmap_mode="r")
-    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    return TokenSplit(tokens, starts, lengths, n_bytes)
+def token_dtype(vocab_size: int):
+    """uint16 when every id fits (vocab_size <= 65536: ids 0..65535), else uint32."""
+    return np.uint16 if vocab_size <= 65536 else np.uint32
+
+
+def join_documents(ids: np.ndarray, lengths: np.ndarray, eot_id: int, dtype) -> np.ndarray:
+    """Documents' ids one after another (lengths[i] ids each) -> the same with eot after each document."""
+    return np.insert(ids.astype(dtype, copy=False), np.cumsum(lengths), np.asarray(eot_id, dtype))
+
+
+def document_starts(lengths: np.ndarray, base: int = 0) -> np.ndarray:
+    """Where each document starts in a joined array (each followed by one eot) that begins at `base`."""
+    ends = np.cumsum(np.asarray(lengths, np.int64) + 1)
+    return base + np.concatenate([np.zeros(1, np.int64), ends[:-1]]) if len(ends) else np.zeros(0, np.int64)
+
+
+def tokenize_split(docs: Sequence[str], tokenizer) -> TokenSplit:
+    """A split held in memory (small document lists: tests, `eval --input_files`); prepared data is the
+    same arrays on disk."""
+    docs = list(docs)
+    ids, lengths = tokenizer.encode_arrays(docs) if docs else (np.zeros(0, np.uint32), np.zeros(0, np.int64))
+    tokens = join_documents(ids, lengths, tokenizer.eot_id, token_dtype(tokenizer.vocab_size))
+    return TokenSplit(tokens, document_starts(lengths), lengths, sum(len(d.encode("utf-8")) for d in docs))
 
 
 @dataclass
@@ -89,7 +77,8 @@ class Source:
     weight: float
     train: TokenSplit
     test: TokenSplit
-    test_docs: list[str] = field(default_factory=list)
+    test_docs: Sequence[str] = ()  # the test documents' text (prepared data: decoded on demand)
+    numeric: Optional[bool] = None  # every document a numeric sequence (None: judge from test_docs)
 
 
 class Batcher:
@@ -123,27 +112,68 @@ class Batcher:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), each (B, T) int64; y is x shifted by one, IGNORE_INDEX where there is no target."""
         g, B, T = self.generator, self.batch_size, self.block_size
-        which = torch.multinomial(self.weights, B, replacement=True, generator=g).tolist()
-        rows = []
-        for si in which:
-            split = self.sources[si].train
-            if self.mode == "packed":
-                start = int(torch.randint(len(split.tokens) - T, (1,), generator=g))
-                rows.append(np.asarray(split.tokens[start: start + T + 1], dtype=np.int64))
-            else:
-                d = int(torch.randint(split.n_docs, (1,), generator=g))
-                rows.append(np.asarray(split.tokens[split.starts[d]: split.starts[d] + split.lengths[d] + 1],
-                                       dtype=np.int64)[: T + 1])
-        if self.mode == "packed":
-            w = torch.from_numpy(np.stack(rows))
+        which = torch.multinomial(self.weights, B, replacement=True, generator=g).numpy()
+        packed = self.mode == "packed"
+        highs = [len(s.train.tokens) - T if packed else s.train.n_docs for s in self.sources]
+        picks = draw_per_row(g, which, highs)
+        if packed:  # windows of T + 1 tokens from each row's source
+            w = torch.from_numpy(_gather(self.sources, which, picks[:, None] + np.arange(T + 1)))
             return w[:, :-1], w[:, 1:]
-        return pad_examples(rows, T, self.pad_id)
+        starts, n = np.empty(B, np.int64), np.empty(B, np.int64)
+        for si in np.unique(which):
+            m, split = which == si, self.sources[si].train
+            starts[m], n[m] = split.starts[picks[m]], np.minimum(split.lengths[picks[m]] + 1, T + 1)
+        return pad_rows(lambda idx: _gather(self.sources, which, idx), starts, n, T, self.pad_id)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+def draw_per_row(g: torch.Generator, which: np.ndarray, highs: list[int]) -> np.ndarray:
+    """One torch.randint(highs[which[r]], (1,)) per row r, in row order, from g: the same values and the
+    same final generator state as that Python loop, drawn with one call per source. (On the CPU a draw
+    below 2**32 takes one 32-bit output of the generator whatever its bound, so row r of a (B,) draw
+    from the state before the batch is row r of the loop; 2**32 and above takes two.)"""
+    used = [int(si) for si in np.unique(which)]
+    if len({highs[si] >= 1 << 32 for si in used}) > 1:  # rows that take different numbers of outputs
+        return np.array([int(torch.randint(highs[si], (1,), generator=g)) for si in which], np.int64)
+    start, out = g.get_state(), np.empty(len(which), np.int64)
+    for k, si in enumerate(used):
+        if k:
+            g.set_state(start)
+        vals = torch.randint(highs[si], (len(which),), generator=g).numpy()
+        out[which == si] = vals[which == si]
+    return out
+
+
+def _gather(sources: list[Source], which: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The training tokens at idx[r] (a row of positions) of row r's source, int64."""
+    out = np.empty(idx.shape, np.int64)
+    for si in np.unique(which):
+        m = which == si
+        out[m] = sources[si].train.tokens[idx[m]]
+    return out
+
+
+def pad_rows(gather, starts: np.ndarray, n: np.ndarray, block_size: int, pad_id: int):
+    """Padded (x, y) for rows of n[r] tokens starting at starts[r] (each n >= 1, <= block_size + 1, the last
+    one the final target); gather(idx) reads the tokens at the positions idx, one line of idx per row.
+    The same tensors as pad_examples on those rows, without a Python loop over them."""
+    T = int(min(block_size, n.max() - 1)) if len(n) else 0
+    x = torch.full((len(n), T), pad_id, dtype=torch.long)
+    y = torch.full((len(n), T), IGNORE_INDEX, dtype=torch.long)
+    if T == 0:
+        return x, y
+    col = np.arange(T + 1)
+    idx = starts[:, None] + np.minimum(col, n[:, None] - 1)  # past a row's end: its last token, masked below
+    vals = torch.from_numpy(gather(idx))
+    valid = torch.from_numpy(col[:T] < (n - 1)[:, None])
+    x[valid] = vals[:, :T][valid]
+    y[valid] = vals[:, 1:][valid]
+    return x, y
 
 
 def pad_examples(examples: list[np.ndarray], block_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,9 +201,8 @@ def eval_windows(split: TokenSplit, block_size: int, batch_size: int, max_batche
         return
     n_windows = min(n_windows, batch_size * max_batches)
     for b in range(0, n_windows, batch_size):
-        idx = range(b, min(b + batch_size, n_windows))
-        w = np.stack([np.asarray(toks[i * block_size: i * block_size + block_size + 1], dtype=np.int64) for i in idx])
-        w = torch.from_numpy(w)
+        first = np.arange(b, min(b + batch_size, n_windows)) * block_size
+        w = torch.from_numpy(toks[first[:, None] + np.arange(block_size + 1)].astype(np.int64))
         yield w[:, :-1], w[:, 1:]
 
 
@@ -182,11 +211,17 @@ def eval_rows(split: TokenSplit, block_size: int, batch_size: int, max_batches: 
     them: one document and its end-of-text per row, cut at block_size + 1 tokens, targets past the
     document IGNORE_INDEX. Yields (x, y) batches of up to batch_size rows (an empty document, which has
     no target, is skipped). The same rows every time, so test losses at different steps compare."""
-    docs = [d for d in range(split.n_docs) if split.lengths[d] > 0][: batch_size * max_batches]
+    want, docs, scanned = batch_size * max_batches, [], 0
+    while sum(map(len, docs)) < want and scanned < split.n_docs:  # only as far into the split as needed
+        chunk = np.asarray(split.lengths[scanned: scanned + max(want, 4096)])
+        docs.append(scanned + np.flatnonzero(chunk > 0))
+        scanned += len(chunk)
+    docs = np.concatenate(docs)[:want] if docs else np.zeros(0, np.int64)
     for b in range(0, len(docs), batch_size):
-        rows = [np.asarray(split.tokens[split.starts[d]: split.starts[d] + split.lengths[d] + 1],
-                           dtype=np.int64)[: block_size + 1] for d in docs[b: b + batch_size]]
-        yield pad_examples(rows, block_size, pad_id)
+        d = docs[b: b + batch_size]
+        n = np.minimum(np.asarray(split.lengths[d]) + 1, block_size + 1)
+        yield pad_rows(lambda idx: split.tokens[idx].astype(np.int64), np.asarray(split.starts[d]), n,
+                       block_size, pad_id)
 
 
 def tokens_per_byte(split: TokenSplit) -> float:
@@ -196,9 +231,3 @@ def tokens_per_byte(split: TokenSplit) -> float:
 
 def bits_per_byte(loss_nats_per_token: float, split: TokenSplit) -> float:
     return loss_nats_per_token * tokens_per_byte(split) / math.log(2)
-
-
-def memmap_path(run_dir: Optional[str], name: str) -> Optional[str]:
-    if run_dir is None:
-        return None
-    return os.path.join(run_dir, "data", f"{name}.npy")

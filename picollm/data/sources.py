@@ -1,8 +1,10 @@
 """Where the text comes from: the built-in numeric corpus, the user's text files, TinyStories.
 
-Every loader returns a plain list[str] of documents (examples); tokenizing and batching happen
-later. Every mistake a user can cause (a missing file, bad bytes, no network) is a PicoError
-with one line that names the file or the offline alternative.
+Every source streams its documents (examples) as strings (`iter_text_files`, `iter_tinystories`), so a
+corpus larger than memory passes through once; `read_text_files` and `load_tinystories` are the same
+streams as lists. Splitting, tokenizing and batching happen later (prepare.py). Every mistake a user can
+cause (a missing file, bad bytes, no network) is a PicoError with one line that names the file or the
+offline alternative.
 """
 
 from __future__ import annotations
@@ -67,17 +69,29 @@ def generate_numbers(count: int = 3333, seed: int = 0) -> list[str]:
     return [text for _, text in generate_numbers_with_kinds(count, seed)]
 
 
+def is_numeric_text(doc: str) -> bool:
+    """A document of whitespace-separated integers, like the numeric corpus ("3seqs")."""
+    parts = doc.split()
+    return bool(parts) and all(p.lstrip("-").isdigit() for p in parts)
+
+
 # --------------------------------------------------------------------------- the user's text files
 
 _NEWLINE = re.compile(r"\r\n?")
 
 
-def _read_utf8(path: Union[str, Path]) -> str:
+def check_text_file(path: Union[str, Path]) -> Path:
+    """The path of a readable text file, or the PicoError that says why not."""
     p = Path(path)
     if not p.exists():
         raise PicoError(f"input file not found: {p}")
     if p.is_dir():
         raise PicoError(f"{p} is a directory, not a text file (use --input_dir for a directory)")
+    return p
+
+
+def _read_utf8(path: Union[str, Path]) -> str:
+    p = check_text_file(path)
     try:
         data = p.read_bytes()
     except OSError as e:
@@ -89,11 +103,32 @@ def _read_utf8(path: Union[str, Path]) -> str:
     return _NEWLINE.sub("\n", text)  # universal newlines, as open(path) in text mode reads
 
 
-def read_text_files(paths: Union[str, Path, Iterable[Union[str, Path]]], mode: str = "lines",
-                    limit: Optional[int] = None) -> list[str]:
-    """Examples from text files. mode "lines": one example per non-empty line (the newline
-    removed, other whitespace kept), as the course starter read them; mode "documents": one
-    example per file, its whole contents. `limit`: the first `limit` examples over all files."""
+def _utf8_lines(p: Path) -> Iterator[str]:
+    """The lines of a file without their line breaks (\\n, \\r\\n or \\r, as text mode reads them), streamed;
+    a leading BOM dropped. Bad UTF-8 is a PicoError naming the byte offset."""
+    offset, pending = 0, ""  # pending: the text after the last line break (non-empty only at the end)
+    try:
+        with open(p, "rb") as f:
+            for raw in f:
+                try:
+                    text = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise PicoError(f"{p} is not UTF-8 text (bad byte at offset {offset + e.start})") from None
+                offset += len(raw)
+                *done, pending = _NEWLINE.sub("\n", pending + text).split("\n")
+                yield from done
+    except OSError as e:
+        raise PicoError(f"cannot read {p}: {e.strerror or e}") from None
+    if pending:
+        yield pending
+
+
+def iter_text_files(paths: Union[str, Path, Iterable[Union[str, Path]]], mode: str = "lines",
+                    limit: Optional[int] = None) -> Iterator[str]:
+    """Examples from text files, streamed. mode "lines": one example per non-empty line (the newline
+    removed, other whitespace kept), as the course starter read them; mode "documents": one example
+    per file, its whole contents. `limit`: the first `limit` examples over all files. Every path is
+    checked before the first example comes; a file with no example is an error."""
     if mode not in ("lines", "documents"):
         raise PicoError(f"unknown input mode {mode!r}; choose one of: lines, documents")
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
@@ -102,19 +137,30 @@ def read_text_files(paths: Union[str, Path, Iterable[Union[str, Path]]], mode: s
     for p in paths:  # every path is checked up front, even those a limit would leave unread
         if not Path(p).exists():
             raise PicoError(f"input file not found: {p}")
-    examples: list[str] = []
+    n = 0
     for p in paths:
-        if limit is not None and len(examples) >= limit:
-            break
-        text = _read_utf8(p)
+        if limit is not None and n >= limit:
+            return
+        found = 0
         if mode == "documents":
-            found = [text] if text.strip() else []
+            text = _read_utf8(p)
+            docs: Iterable[str] = [text] if text.strip() else []
         else:
-            found = [line for line in text.split("\n") if line.strip()]
+            docs = (line for line in _utf8_lines(check_text_file(p)) if line.strip())
+        for doc in docs:
+            found += 1
+            n += 1
+            yield doc
+            if limit is not None and n >= limit:
+                return
         if not found:
             raise PicoError(f"{p} is empty (no non-empty lines)")
-        examples.extend(found)
-    return examples if limit is None else examples[:limit]
+
+
+def read_text_files(paths: Union[str, Path, Iterable[Union[str, Path]]], mode: str = "lines",
+                    limit: Optional[int] = None) -> list[str]:
+    """iter_text_files as a list."""
+    return list(iter_text_files(paths, mode, limit))
 
 
 def find_text_files(input_dir: Union[str, Path]) -> list[str]:
@@ -189,9 +235,15 @@ def _stories_jsonl(path: Path) -> Iterator[str]:
 _READERS = {".txt": _stories_txt, ".parquet": _stories_parquet, ".jsonl": _stories_jsonl}
 
 
-def _take_stories(stories: Iterable[str], subset: Optional[int]) -> list[str]:
-    cleaned = (s.strip() for s in stories)
-    return list(itertools.islice((s for s in cleaned if s), subset))
+def _take_stories(stories: Iterable[str], subset: Optional[int], where: str) -> Iterator[str]:
+    """The first `subset` stories (None: all), whitespace-stripped, empty ones dropped; none is an error."""
+    cleaned = (t for t in (s.strip() for s in stories) if t)
+    n = 0
+    for story in itertools.islice(cleaned, subset):
+        n += 1
+        yield story
+    if not n:
+        raise PicoError(f"no stories in {where}")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -228,38 +280,54 @@ def _load_hub_dataset(split: str):
             setattr(m, a, v)
 
 
-def load_tinystories(path: Optional[str] = None, subset: Optional[int] = 20000, split: str = "train") -> list[str]:
-    """The first `subset` TinyStories (None: all), whitespace-stripped, empty ones dropped.
+def tinystories_file(path: str, flag: str = "--tinystories_path") -> Path:
+    """A local TinyStories copy checked: it exists, is a file, and is .txt, .parquet or .jsonl."""
+    p = Path(path)
+    if not p.exists():
+        raise PicoError(f"TinyStories file not found: {p}")
+    if p.is_dir():
+        raise PicoError(f"{flag} {p} is a directory; give a .txt, .parquet or .jsonl file")
+    if p.suffix.lower() not in _READERS:
+        raise PicoError(f"{flag} {p}: unsupported file type {p.suffix or '(none)'!r}; "
+                        "use .txt (<|endoftext|> separators), .parquet or .jsonl")
+    return p
 
-    path: a local copy, one of: .txt with <|endoftext|> between stories (the release's
-    TinyStories-train.txt), .parquet with a `text` column (the hub's files), .jsonl with one
-    {"text": ...} object per line. Without a path: the Hugging Face hub through `datasets`
-    (a cached copy works offline)."""
-    if subset is not None and subset < 1:
-        raise PicoError(f"--tinystories_subset must be >= 1, got {subset}")
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise PicoError(f"TinyStories file not found: {p}")
-        if p.is_dir():
-            raise PicoError(f"--tinystories_path {p} is a directory; give a .txt, .parquet or .jsonl file")
-        reader = _READERS.get(p.suffix.lower())
-        if reader is None:
-            raise PicoError(f"--tinystories_path {p}: unsupported file type {p.suffix or '(none)'!r}; "
-                            "use .txt (<|endoftext|> separators), .parquet or .jsonl")
-        stories = _take_stories(reader(p), subset)
-        if not stories:
-            raise PicoError(f"no stories in {p}")
-        return stories
+
+def hub_split(split: str):
+    """A split of TinyStories on the Hugging Face hub (a `datasets.Dataset`; a cached copy works offline)."""
     try:
-        ds = _load_hub_dataset(split)
+        return _load_hub_dataset(split)
     except Exception as e:  # offline, hub errors, a missing split: all end the same way
         raise PicoError(f"could not load {TINYSTORIES_HUB} (split {split!r}) from the Hugging Face hub "
                         f"({type(e).__name__}); offline, {_OFFLINE_HINT}") from None
+
+
+def _hub_texts(ds) -> Iterator[str]:
     try:
-        stories = _take_stories((row["text"] for row in ds), subset)
+        for row in ds:
+            yield row["text"]
     except (KeyError, TypeError):
         raise PicoError(f"{TINYSTORIES_HUB} rows have no 'text' field") from None
-    if not stories:
-        raise PicoError(f"no stories in {TINYSTORIES_HUB} split {split!r}")
-    return stories
+
+
+def iter_tinystories(path: Optional[str] = None, subset: Optional[int] = 20000, split: str = "train",
+                     flag: str = "--tinystories_path", dataset=None) -> Iterator[str]:
+    """The first `subset` TinyStories (None: all), whitespace-stripped, empty ones dropped, streamed. The
+    file (or the hub split) is checked now; its stories are read as they are consumed.
+
+    path: a local copy, one of: .txt with <|endoftext|> between stories (the release's
+    TinyStories-train.txt), .parquet with a `text` column (the hub's files), .jsonl with one
+    {"text": ...} object per line. Without a path: `split` of the Hugging Face hub through `datasets`
+    (a cached copy works offline), or `dataset` when the caller has loaded it (hub_split)."""
+    if subset is not None and subset < 1:
+        raise PicoError(f"--tinystories_subset must be >= 1, got {subset}")
+    if path is not None:
+        p = tinystories_file(path, flag)
+        return _take_stories(_READERS[p.suffix.lower()](p), subset, str(p))
+    ds = hub_split(split) if dataset is None else dataset
+    return _take_stories(_hub_texts(ds), subset, f"{TINYSTORIES_HUB} split {split!r}")
+
+
+def load_tinystories(path: Optional[str] = None, subset: Optional[int] = 20000, split: str = "train") -> list[str]:
+    """iter_tinystories as a list."""
+    return list(iter_tinystories(path, subset, split))

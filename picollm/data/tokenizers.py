@@ -16,6 +16,7 @@ A run directory holds run_dir/tokenizer.json: the HF tokenizers JSON for bpe (lo
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import threading
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+import numpy as np
 import tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -63,6 +65,18 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_arrays(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(the ids of all texts one after another, uint32; the number of ids of each text, int64): what a
+        prepared token file is written from, without a Python int kept per token."""
+        ids = self.encode_batch(texts)
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        return np.fromiter(itertools.chain.from_iterable(ids), np.uint32, int(lengths.sum())), lengths
+
+    @property
+    def identity(self) -> str:
+        """sha256 of the tokenizer's JSON: two tokenizers with the same identity give the same ids."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
     @abstractmethod
     def decode(self, ids) -> str:
         """Ids (list, array or tensor) -> text; the end-of-text id reads "<|endoftext|>"."""
@@ -88,6 +102,11 @@ class ByteTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_arrays(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        data = [t.encode("utf-8") for t in texts]
+        lengths = np.fromiter(map(len, data), np.int64, len(data))
+        return np.frombuffer(b"".join(data), np.uint8).astype(np.uint32), lengths
 
     def decode(self, ids) -> str:
         parts, run = [], bytearray()
@@ -284,6 +303,30 @@ def build_tokenizer(name: str, train_texts: Optional[Iterable[str]] = None, voca
     raise PicoError(f"unknown tokenizer {name!r}; choose one of: bpe, gpt2, byte")
 
 
+def tokenizer_from_json(text: str, where: str = "tokenizer.json") -> Tokenizer:
+    """A tokenizer from the content of a run's tokenizer.json (`where` names it in errors)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PicoError(f"{where} is corrupt ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise PicoError(f"{where} is corrupt (not a JSON object)")
+    if "model" in data:  # the HF tokenizers format: a bpe tokenizer
+        try:
+            return BPETokenizer(HFTokenizer.from_str(text))
+        except PicoError:
+            raise
+        except Exception as e:
+            raise PicoError(f"{where} is not a valid HF tokenizers file ({type(e).__name__})") from None
+    kind = data.get("type")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "gpt2":
+        local = data.get("local_dir")
+        return gpt2_tokenizer(local if local and Path(local).is_dir() else None)
+    raise PicoError(f"{where}: unknown tokenizer type {kind!r}")
+
+
 def load_tokenizer(run_dir: PathLike) -> Tokenizer:
     """The tokenizer a run saved: run_dir/tokenizer.json (or that file itself)."""
     p = Path(run_dir)
@@ -293,22 +336,6 @@ def load_tokenizer(run_dir: PathLike) -> Tokenizer:
         raise PicoError(f"no {TOKENIZER_FILE} in {run_dir}: not a pico-llm run directory?")
     try:
         text = p.read_text(encoding="utf-8")
-        data = json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise PicoError(f"{p} is corrupt ({type(e).__name__})") from None
-    if not isinstance(data, dict):
-        raise PicoError(f"{p} is corrupt (not a JSON object)")
-    if "model" in data:  # the HF tokenizers format: a bpe tokenizer
-        try:
-            return BPETokenizer(HFTokenizer.from_str(text))
-        except PicoError:
-            raise
-        except Exception as e:
-            raise PicoError(f"{p} is not a valid HF tokenizers file ({type(e).__name__})") from None
-    kind = data.get("type")
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind == "gpt2":
-        local = data.get("local_dir")
-        return gpt2_tokenizer(local if local and Path(local).is_dir() else None)
-    raise PicoError(f"{p}: unknown tokenizer type {kind!r}")
+    return tokenizer_from_json(text, str(p))

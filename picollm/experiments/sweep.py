@@ -258,7 +258,8 @@ def build_point(pname: str, flags: dict[str, Any], values: dict[str, Any], swept
     if len(model_names) != 1:
         raise PicoError(f"{where}: trains {len(model_names)} models; a sweep point trains one "
                         "(sweep models = [...] in [grid] to compare families)")
-    for f in list(data.input_files) + [q for q in (data.input_dir, data.tinystories_path) if q]:
+    for f in list(data.input_files) + [q for q in (data.input_dir, data.tinystories_path,
+                                                   data.tinystories_valid_path) if q]:
         if not os.path.exists(f):
             raise PicoError(f"{where}: {f}: no such file or directory")
     return Point(pname, values, {k: getattr(args, k) for k in swept}, models[model_names[0]], data, train_cfg,

@@ -11,9 +11,8 @@ import gc
 import inspect
 import os
 import shlex
-import tempfile
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import DataConfig, TrainConfig
 from ..data.corpus import Corpus, build_corpus
-from ..data.tokenizers import load_tokenizer
+from ..data.tokenizers import Tokenizer, tokenizer_from_json
 from ..errors import PicoError
 
 
@@ -158,20 +157,20 @@ def micro_batches(x: torch.Tensor, y: torch.Tensor, d: Dist, accum: int) -> list
     return [(x[lo + k * m: lo + (k + 1) * m], y[lo + k * m: lo + (k + 1) * m]) for k in range(accum)]
 
 
-def shared_corpus(data_cfg: DataConfig, d: Dist) -> Corpus:
-    """build_corpus, with one tokenizer for all ranks: rank 0 builds (or trains) it, the others tokenize with
-    a copy of it, so every rank holds the same token arrays and draws the same global batches."""
+def shared_corpus(data_cfg: DataConfig, d: Dist, tokenizer: Optional[Tokenizer] = None,
+                  progress: bool = True) -> Corpus:
+    """build_corpus on every rank, prepared once: rank 0 prepares the data (training the tokenizer, or with
+    `tokenizer`, a run's own) while the others wait; then they open the same prepared arrays with a copy
+    of its tokenizer, so every rank holds the same tokens and draws the same global batches. (A rank that
+    does not see rank 0's cache directory prepares the same arrays itself.)"""
     if d.world_size == 1:
-        return build_corpus(data_cfg)
+        return build_corpus(data_cfg, tokenizer=tokenizer, progress=progress)
     built: list[Corpus] = []
-    on_main(lambda: built.append(build_corpus(data_cfg)), d)
+    on_main(lambda: built.append(build_corpus(data_cfg, tokenizer=tokenizer, progress=progress)), d)
     tok_json = broadcast_object(built[0].tokenizer.to_json() if d.main else None, d)
     if d.main:
         return built[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
-            f.write(tok_json)
-        return build_corpus(data_cfg, tokenizer=load_tokenizer(tmp))
+    return build_corpus(data_cfg, tokenizer=tokenizer_from_json(tok_json, "rank 0's tokenizer"), progress=False)
 
 
 def resume_command(run_dir: str, d: Dist) -> str:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data.batches import IGNORE_INDEX, Batcher
-from ..data.corpus import Corpus, build_corpus
+from ..data.corpus import Corpus
 from ..data.tokenizers import load_tokenizer
 from ..device import autocast_factory, dtype_name, resolve_device, resolve_precision
 from ..errors import PicoError
@@ -270,7 +270,7 @@ def open_run(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfi
     last checkpoint left them."""
     on_main(lambda: ckpt.prepare_run_dir(run_dir, resume, overwrite), dd)
     if corpus is None:
-        corpus = build_corpus(data_cfg, tokenizer=load_tokenizer(run_dir)) if resume else shared_corpus(data_cfg, dd)
+        corpus = shared_corpus(data_cfg, dd, tokenizer=load_tokenizer(run_dir) if resume else None)
     tok = corpus.tokenizer
     if resume and model_cfg.vocab_size and model_cfg.vocab_size != tok.vocab_size:
         raise PicoError(f"{run_dir}: tokenizer has {tok.vocab_size} tokens but config.json says {model_cfg.vocab_size}")
