@@ -49,6 +49,14 @@ def cpu_runs_bf16_rnn() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
+def cpu_count() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))

@@ -61,7 +61,10 @@ def test_bench_json_shape(tmp_path, monkeypatch, capsys, fused_calls):
     if g["hf_tokens_per_s"] is not None:  # the hf extra is installed: HF in fp32 and in bf16
         assert g["hf_same_precision_tokens_per_s"] > 0 and g["kv_cache_vs_hf"] > 0
     assert res["kgram_vs_loop"]["ratio"] > 0
-    assert res["data"]["tokenize_mb_per_s"] > 0
+    for kind in ("english", "numeric"):  # bpe tokenization: ours (tiktoken with the bpe's ranks) beside HF's
+        d = res["data"][kind]
+        assert d["encoder"] == "tiktoken" and d["ids_identical"] is True
+        assert d["tokenize_mb_per_s"] > 0 and d["hf_encode_batch_mb_per_s"] > 0 and 0 < d["tokens_per_byte"] < 1
     assert res["peak_gflops"]["fp32"] > 0 and res["peak_gflops"]["bf16"] > 0
     assert res["quality"]["transformer"]["test_loss"] > 0 and res["quality"]["reference_gpt"]["test_loss"] > 0
     assert isinstance(res["device"], str) and "transformer" in capsys.readouterr().out

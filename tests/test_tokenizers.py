@@ -8,8 +8,11 @@ import torch
 
 from picollm.data import tokenizers as tk
 from picollm.data.sources import generate_numbers
+from picollm.data.stories import story_texts
 from picollm.data.tokenizers import build_tokenizer, load_tokenizer
 from picollm.errors import PicoError
+
+EOT = "<|endoftext|>"
 
 SAMPLES = [
     "12 13 14",
@@ -129,6 +132,120 @@ def test_bpe_errors():
         build_tokenizer("bpe", ["abc"], vocab_size=100)
     with pytest.raises(PicoError, match="unknown tokenizer"):
         build_tokenizer("wordpiece")
+
+
+# --------------------------------------------------------------------------- encode_documents
+
+
+def _per_text(tok, texts):
+    """What encode_documents must give, from encode(): each text's ids, then end-of-text."""
+    return [i for t in texts for i in tok.encode(t) + [tok.eot_id]], [len(tok.encode(t)) for t in texts]
+
+
+def _same(got, want):
+    return np.array_equal(got[0], np.asarray(want[0])) and np.array_equal(got[1], np.asarray(want[1]))
+
+
+def test_byte_encode_documents():
+    tok = build_tokenizer("byte")
+    texts = ["Hi é", "", "x\0y"]  # a NUL byte in a text stays a byte, never an end-of-text
+    tokens, lengths = tok.encode_documents(texts)
+    assert tokens.dtype == np.uint32 and lengths.dtype == np.int64
+    assert _same((tokens, lengths), _per_text(tok, texts))
+    assert tokens.tolist() == [72, 105, 32, 0xC3, 0xA9, 256, 256, 120, 0, 121, 256]
+
+
+TRICKY = SAMPLES + [
+    "it's they're we've I'm you'll he'd 'quoted' DON'T",
+    "tabs\tand\u00a0no-break\u2003em space\u3000ideographic\n\r\n  \n",
+    "numbers 1234567 3.14159 -42 \u2167 \u0661\u0662\u0663 1,000,000",
+    f"a literal {EOT} inside, and {EOT}{EOT} twice",
+    EOT,
+    "     ",
+    "emoji \U0001f469\u200d\U0001f469\u200d\U0001f467 flags \U0001f1eb\U0001f1f7, combining e\u0301",
+]
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    """English-like stories, numeric sequences, and text that exercises GPT-2's regex and the specials."""
+    return story_texts(300, seed=3) + generate_numbers(300, seed=2) + TRICKY * 3
+
+
+def test_bpe_fast_encoder_gives_hf_ids(mixed):
+    """encode_documents (data preparation's encoder) runs tiktoken with the bpe's own ranks and gives exactly
+    HF's ids, on text it was not trained on as well; a literal <|endoftext|> in a text is the special id,
+    as HF's added-token rule makes it."""
+    tok = build_tokenizer("bpe", mixed[::2], vocab_size=1500)
+    got = tok.encode_documents(mixed)
+    assert tok.encoder == "tiktoken" and tok.encoder_why == "spot-checked"
+    assert _same(got, tok.encode_documents_hf(mixed))
+    assert _same(got, _per_text(tok, mixed))
+    assert tok.encode(TRICKY[-4]).count(tok.eot_id) == 3
+    enc = tok._fast_encoding()
+    for threads in (1, 3, 8):  # however the texts are cut among threads
+        assert _same(tk.tiktoken_documents(enc, mixed, tok.eot_id, True, threads=threads), got)
+
+
+def test_bpe_fast_encoder_falls_back_when_a_spot_check_differs(mixed, monkeypatch):
+    tok = build_tokenizer("bpe", mixed, vocab_size=800)
+    real = tk.tiktoken_documents
+
+    def off_by_one(*a, **k):
+        tokens, lengths = real(*a, **k)
+        tokens = tokens.copy()
+        tokens[5] = (tokens[5] + 1) % tok.vocab_size
+        return tokens, lengths
+
+    monkeypatch.setattr(tk, "tiktoken_documents", off_by_one)
+    assert _same(tok.encode_documents(mixed), tok.encode_documents_hf(mixed))
+    assert tok.encoder == "hf" and "differed" in tok.encoder_why
+    assert _same(tok.encode_documents(mixed[:5]), _per_text(tok, mixed[:5]))  # and stays on HF
+
+
+def _hand_bpe(merges):
+    """A byte-level BPE built from a merge list (as a hand-edited tokenizer.json could hold)."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {EOT: 0, **{c: i + 1 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    hf = HF(models.BPE(vocab, merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([EOT])
+    return tk.BPETokenizer(hf)
+
+
+def test_tiktoken_is_used_only_where_it_gives_hf_ids():
+    """tiktoken merges the pair whose concatenation has the lowest id, HF the pair of lowest merge index:
+    with merges b+c, a+b, ab+c, HF encodes "abc" as a|bc and tiktoken's rule as abc. Such a tokenizer is
+    refused (HF encodes it); one whose merges rank order rebuilds is taken."""
+    import tiktoken
+
+    odd = _hand_bpe([("b", "c"), ("a", "b"), ("ab", "c")])
+    assert [odd.hf.id_to_token(i) for i in odd.encode("abc")] == ["a", "bc"]
+    ranks = {bytes(tk.byte_alphabet()[c] for c in t): i for t, i in odd.hf.get_vocab().items() if t != EOT}
+    naive = tiktoken.Encoding("naive", pat_str=tk.TIKTOKEN_GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 0})
+    assert naive.encode_ordinary("abc") != odd.encode("abc")  # what an unchecked conversion would get wrong
+    enc, why = tk.tiktoken_for(odd.hf)
+    assert enc is None and "'ab' + 'c'" in why
+    texts = ["abc", "xabcx abc", "bc ab"]
+    assert _same(odd.encode_documents(texts), _per_text(odd, texts)) and odd.encoder == "hf"
+
+    fine = _hand_bpe([("a", "b"), ("ab", "c"), ("Ġ", "abc")])
+    assert tk.tiktoken_for(fine.hf)[0] is not None
+    assert _same(fine.encode_documents(texts), _per_text(fine, texts)) and fine.encoder == "tiktoken"
+
+
+def test_byte_alphabet_is_hf_byte_level():
+    from tokenizers import pre_tokenizers
+
+    alphabet = tk.byte_alphabet()
+    assert sorted(alphabet.values()) == list(range(256))
+    assert set(alphabet) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert alphabet["Ġ"] == ord(" ") and alphabet["!"] == ord("!") and alphabet["Ċ"] == ord("\n")
 
 
 # --------------------------------------------------------------------------- gpt2
@@ -261,3 +378,11 @@ def test_load_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "nonsense"}}))
     with pytest.raises(PicoError, match="not a valid HF tokenizers file"):
         load_tokenizer(tmp_path)
+
+
+def test_gpt2_encode_documents_keeps_a_literal_end_of_text_as_text(gpt2_dir):
+    tok = tk.gpt2_tokenizer(gpt2_dir)
+    texts = [f"the cat {EOT} 12", "", "12 12"]
+    got = tok.encode_documents(texts)
+    assert _same(got, _per_text(tok, texts))
+    assert got[0].tolist().count(tok.eot_id) == 3  # only the three separators

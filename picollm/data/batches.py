@@ -51,11 +51,6 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
 
-def join_documents(ids: np.ndarray, lengths: np.ndarray, eot_id: int, dtype) -> np.ndarray:
-    """Documents' ids one after another (lengths[i] ids each) -> the same with eot after each document."""
-    return np.insert(ids.astype(dtype, copy=False), np.cumsum(lengths), np.asarray(eot_id, dtype))
-
-
 def document_starts(lengths: np.ndarray, base: int = 0) -> np.ndarray:
     """Where each document starts in a joined array (each followed by one eot) that begins at `base`."""
     ends = np.cumsum(np.asarray(lengths, np.int64) + 1)
@@ -66,8 +61,8 @@ def tokenize_split(docs: Sequence[str], tokenizer) -> TokenSplit:
     """A split held in memory (small document lists: tests, `eval --input_files`); prepared data is the
     same arrays on disk."""
     docs = list(docs)
-    ids, lengths = tokenizer.encode_arrays(docs) if docs else (np.zeros(0, np.uint32), np.zeros(0, np.int64))
-    tokens = join_documents(ids, lengths, tokenizer.eot_id, token_dtype(tokenizer.vocab_size))
+    tokens, lengths = tokenizer.encode_documents(docs) if docs else (np.zeros(0, np.uint32), np.zeros(0, np.int64))
+    tokens = tokens.astype(token_dtype(tokenizer.vocab_size), copy=False)
     return TokenSplit(tokens, document_starts(lengths), lengths, sum(len(d.encode("utf-8")) for d in docs))
 
 

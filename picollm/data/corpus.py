@@ -143,3 +143,17 @@ def prepared_table(corpus: Corpus) -> str:
     rows = [prepared_row(p.manifest) + ["reused" if p.reused else "prepared", p.split.path]
             for got in corpus.prepared for p in got.values()]
     return md_table(PREPARED_COLUMNS + ["", "directory"], rows, align="lllrrrrll")
+
+
+def data_line(corpus: Corpus) -> str:
+    """train's line about its data: per source, each split's documents and tokens, and whether the prepared
+    arrays were reused from the cache or prepared by this run."""
+    parts = []
+    for got in corpus.prepared:
+        m = got["train"].manifest
+        splits = ", ".join(f"{s} {p.manifest['n_docs']:,} docs / {p.manifest['n_tokens']:,} tokens" for s, p in got.items())
+        how = "prepared now" if any(not p.reused for p in got.values()) else "reused from the cache"
+        where = got["train"].split.path
+        parts.append(f"{m['name']}: {splits}, {how}" + (f" ({Path(where).parent})" if where else ""))
+    tok = corpus.tokenizer
+    return f"data ({tok.name} {tok.vocab_size}): " + ("; ".join(parts) or "held in memory")

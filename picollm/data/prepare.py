@@ -14,8 +14,9 @@
    smaller than its share gives all of it, so small corpora train on all their training text). It is
    cached by what determines it (the sources' fingerprints, split, vocab_size, sample size), so a second
    run does not read the sample again. A run's own tokenizer is reused on resume and eval.
-4. Tokenization: HF tokenizers' `encode_batch` over chunks of CHUNK_CHARS characters, in this process
-   (encode_batch already runs on every core; see `encode_chunks` for the measurement).
+4. Tokenization: `Tokenizer.encode_documents` over chunks of CHUNK_CHARS characters, in this process, on
+   every core: tiktoken's encoder with the bpe's own ranks, proven and spot-checked to give HF's ids
+   (data/tokenizers.py), else HF's encode_batch; see `encode_chunks` for the measurements.
 5. A prepared directory per (source, split) under cache_dir()/prepared/NAME-SPLIT-KEY/, where KEY hashes
    what determines it (the source's fingerprint, the split rule, the tokenizer's identity):
        tokens.bin   every document's ids followed by end-of-text; uint16 when the ids fit, else uint32
@@ -49,7 +50,7 @@ from tqdm import tqdm
 from ..errors import PicoError
 from ..fsio import cache_dir, fsync_dir, write_json, write_text
 from ..tables import md_table
-from .batches import TokenSplit, document_starts, join_documents, token_dtype
+from .batches import TokenSplit, document_starts, token_dtype
 from .sources import is_numeric_text
 from .tokenizers import BPETokenizer, Tokenizer, build_tokenizer, tokenizer_from_json
 
@@ -354,8 +355,8 @@ class SplitWriter:
         self.n_tokens = self.n_docs = self.n_bytes = 0
         self.numeric = True  # every document so far a numeric sequence
 
-    def add(self, docs: list[str], ids: np.ndarray, lengths: np.ndarray, n_bytes: np.ndarray) -> None:
-        tokens = join_documents(ids, lengths, self.eot, self.dtype)
+    def add(self, docs: list[str], tokens: np.ndarray, lengths: np.ndarray, n_bytes: np.ndarray) -> None:
+        tokens = tokens.astype(self.dtype, copy=False)
         arrays = {"starts": document_starts(lengths, self.n_tokens), "lengths": lengths, "bytes": n_bytes}
         self.files["tokens"].write(tokens.tobytes())
         for name, dtype in ARRAYS.items():
@@ -469,22 +470,22 @@ class DocumentTexts(Sequence[str]):
 
 
 def encode_chunks(tokenizer: Tokenizer, jobs: Iterator[tuple]) -> Iterator[tuple]:
-    """(split, docs, n_bytes) jobs -> (split, docs, n_bytes, ids, lengths), in order, tokenized in this
-    process: HF tokenizers' encode_batch already spreads each chunk over every core (rayon). Measured end
-    to end (read, split, tokenize, write) on 20 MB of bench/make_tinystories.py stories, bpe, 2 idle cores:
-    one thread 2.9-3.6 MB/s; encode_batch here 4.5-6.1 MB/s (median 5.5); a 2-process fork pool over the
-    chunks (one thread each, ids returned as arrays) 5.1-6.4 MB/s (median 5.5): no gain, and with another
-    job on the machine it fell behind (1.8 against 2.2 MB/s), as it adds a third busy process."""
+    """(split, docs, n_bytes) jobs -> (split, docs, n_bytes, tokens, lengths), in order, tokenized in this
+    process by `Tokenizer.encode_documents`, which spreads each chunk over every core (tiktoken's threads
+    for bpe and gpt2). Measured end to end before tiktoken (read, split, tokenize, write; 20 MB of
+    bench/make_tinystories.py stories, bpe, 2 idle cores): HF's encode_batch 4.5-6.1 MB/s (median 5.5), one
+    thread 2.9-3.6, a 2-process fork pool over the chunks no better (median 5.5) and worse beside another
+    job, as it adds a third busy process; the figures with tiktoken are in bench/RESULTS.md."""
     for split, docs, n_bytes in jobs:
-        ids, lengths = tokenizer.encode_arrays(docs) if docs else (np.zeros(0, np.uint32), np.zeros(0, np.int64))
-        yield split, docs, n_bytes, ids, lengths
+        tokens, lengths = tokenizer.encode_documents(docs) if docs else (np.zeros(0, np.uint32), np.zeros(0, np.int64))
+        yield split, docs, n_bytes, tokens, lengths
 
 
 def _manifest(plan: SourcePlan, split: str, rule: dict, tokenizer: Tokenizer, w: SplitWriter,
               stats: PassStats, seconds: float) -> dict:
     return {"format": FORMAT, "name": plan.name, "split": split, "source": plan.fingerprint, "rule": rule,
             "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
-                          "identity": tokenizer.identity},
+                          "identity": tokenizer.identity, "encoder": tokenizer.encoder},
             "dtype": np.dtype(w.dtype).name, "n_tokens": w.n_tokens, "n_docs": w.n_docs, "n_bytes": w.n_bytes,
             "numeric": bool(w.numeric and w.n_docs > 0), "duplicates_dropped": stats.duplicates,
             "excluded_as_test": stats.excluded, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -507,8 +508,8 @@ def _write_pass(plan: SourcePlan, stream: Callable[[], Iterator[str]], assign: A
                 for s in wanted:
                     yield (s, *chunk.part(s))
 
-        for s, docs, n_bytes, ids, lengths in encode_chunks(tokenizer, jobs()):
-            writers[s].add(docs, ids, lengths, n_bytes)
+        for s, docs, n_bytes, tokens, lengths in encode_chunks(tokenizer, jobs()):
+            writers[s].add(docs, tokens, lengths, n_bytes)
     for w in writers.values():
         w.close()
     return tmps, writers, stats

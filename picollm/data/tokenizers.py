@@ -8,6 +8,9 @@
           download them.
 
 encode() adds no special tokens; decode() renders the end-of-text id as "<|endoftext|>".
+encode_documents() (what data preparation calls) runs tiktoken's encoder for bpe and gpt2: for bpe, loaded
+with the trained merges as ranks when that is proven to give HF's ids (see `tiktoken_for`), on every core,
+about 4-5x HF's own encode_batch on TinyStories-like text (bench/RESULTS.md).
 A run directory holds run_dir/tokenizer.json: the HF tokenizers JSON for bpe (loadable by
 `tokenizers.Tokenizer.from_file` and `transformers.PreTrainedTokenizerFast`), {"type": "byte"}, or
 {"type": "gpt2"} (plus "local_dir" when built from local files), so loading needs nothing else.
@@ -21,6 +24,7 @@ import json
 import os
 import threading
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -31,6 +35,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ..config import EOT, MIN_BPE_VOCAB
+from ..device import cpu_count
 from ..errors import PicoError
 from ..fsio import cache_dir, write_text
 
@@ -50,6 +55,14 @@ def _ids(ids) -> list[int]:
     return ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
 
 
+def _joined(ids: list[list[int]], eot_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of ids -> (them joined, end-of-text after each, uint32; their lengths, int64)."""
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    tokens = np.fromiter(itertools.chain.from_iterable(i + [eot_id] for i in ids), np.uint32,
+                         int(lengths.sum()) + len(ids))
+    return tokens, lengths
+
+
 class Tokenizer(ABC):
     """What the rest of pico-llm relies on. vocab_size is the size of the id space a model must
     cover, specials included."""
@@ -57,6 +70,7 @@ class Tokenizer(ABC):
     name: str
     vocab_size: int
     eot_id: int
+    encoder = "python"  # what encode_documents runs: "python", "tiktoken" or "hf"
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -65,12 +79,11 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
-    def encode_arrays(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(the ids of all texts one after another, uint32; the number of ids of each text, int64): what a
-        prepared token file is written from, without a Python int kept per token."""
-        ids = self.encode_batch(texts)
-        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-        return np.fromiter(itertools.chain.from_iterable(ids), np.uint32, int(lengths.sum())), lengths
+    def encode_documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(each text's ids followed by the end-of-text id, all one after another, uint32; the number of
+        ids of each text, end-of-text not counted, int64): what a prepared token file holds, made without
+        a Python int kept per token."""
+        return _joined(self.encode_batch(texts), self.eot_id)
 
     @property
     def identity(self) -> str:
@@ -103,10 +116,12 @@ class ByteTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_arrays(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        data = [t.encode("utf-8") for t in texts]
-        lengths = np.fromiter(map(len, data), np.int64, len(data))
-        return np.frombuffer(b"".join(data), np.uint8).astype(np.uint32), lengths
+    def encode_documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        data = [t.encode("utf-8") + b"\0" for t in texts]  # a 0 byte marks where each end-of-text goes
+        tokens = np.frombuffer(b"".join(data), np.uint8).astype(np.uint32)
+        ends = np.cumsum(np.fromiter(map(len, data), np.int64, len(data))) - 1
+        tokens[ends] = self.eot_id
+        return tokens, np.diff(ends, prepend=-1) - 1
 
     def decode(self, ids) -> str:
         parts, run = [], bytearray()
@@ -138,12 +153,43 @@ class BPETokenizer(Tokenizer):
             raise PicoError(f"the bpe tokenizer has no {EOT} token")
         self.eot_id = eot
         self._batch = getattr(hf, "encode_batch_fast", hf.encode_batch)  # no offsets: faster
+        self._fast: Optional[object] = None  # the tiktoken Encoding, built on first use
+        self._fast_checked = False
+        self.encoder = "hf"  # which encoder encode_documents uses: "hf" or "tiktoken"
+        self.encoder_why = "not used yet"
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._batch(list(texts), add_special_tokens=False)]
+
+    def encode_documents_hf(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """encode_documents through HF tokenizers' encode_batch: the reference the fast path is checked on."""
+        return _joined(self.encode_batch(texts), self.eot_id)
+
+    def _fast_encoding(self):
+        if not self._fast_checked:
+            self._fast_checked = True
+            self._fast, self.encoder_why = tiktoken_for(self.hf)
+            self.encoder = "tiktoken" if self._fast is not None else "hf"
+        return self._fast
+
+    def encode_documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """tiktoken with this BPE's ranks when `tiktoken_for` accepts it. Its first call also encodes up to
+        SPOT_CHECK_CHARS of the texts with HF and, should one id differ, uses HF from then on."""
+        enc = self._fast_encoding()
+        if enc is None:
+            return self.encode_documents_hf(texts)
+        tokens, lengths = tiktoken_documents(enc, texts, self.eot_id, literal_eot_special=True)
+        if self.encoder_why != "spot-checked":
+            k = int(np.searchsorted(np.cumsum([len(t) for t in texts]), SPOT_CHECK_CHARS)) + 1
+            ref_tokens, ref_lengths = self.encode_documents_hf(texts[:k])
+            if not (np.array_equal(ref_lengths, lengths[:k]) and np.array_equal(ref_tokens, tokens[:len(ref_tokens)])):
+                self._fast, self.encoder, self.encoder_why = None, "hf", "tiktoken's ids differed from HF's on a sample"
+                return self.encode_documents_hf(texts)
+            self.encoder_why = "spot-checked"
+        return tokens, lengths
 
     def decode(self, ids) -> str:
         return self.hf.decode(_ids(ids), skip_special_tokens=False)
@@ -192,11 +238,130 @@ def train_bpe(texts: Sequence[str], vocab_size: int = 4096) -> BPETokenizer:
     return tok
 
 
+# --------------------------------------------------------------------------- bpe through tiktoken
+
+SPOT_CHECK_CHARS = 1 << 20  # the first encode_documents of a bpe tokenizer compares this much with HF
+TIKTOKEN_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # GPT2_PATTERN
+
+
+def byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable Latin-1 bytes stand for themselves, the
+    other 68 bytes for the characters from U+0100 up, in byte order (what HF's ByteLevel writes)."""
+    shown = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    hidden = [b for b in range(256) if b not in set(shown)]
+    return {**{chr(b): b for b in shown}, **{chr(0x100 + i): b for i, b in enumerate(hidden)}}
+
+
+def _bpe_parts(word: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
+    """tiktoken's rule on one word, with the tokens of rank < below: merge the adjacent pair whose
+    concatenation has the lowest rank (leftmost first) until none is a token."""
+    parts = [word[i:i + 1] for i in range(len(word))]
+    while len(parts) > 1:
+        best, at = below, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1], below)
+            if r < best:
+                best, at = r, i
+        if at < 0:
+            break
+        parts[at:at + 2] = [parts[at] + parts[at + 1]]
+    return parts
+
+
+def _ranks_if_equivalent(data: dict) -> tuple[Optional[dict[bytes, int]], str]:
+    """(bytes -> id, "") when HF's BPE on this tokenizer JSON and tiktoken's rank rule give the same
+    ids, else (None, why). HF merges the pair of lowest merge index; tiktoken the pair whose concatenation
+    has the lowest id, with no merge list. They agree when each merge's result has a larger id than every
+    earlier merge's, and tiktoken's rule, given only the tokens below a token, rebuilds that token's own
+    merge from its bytes (the check `tiktoken.load` relies on for GPT-2): then no other split of a token
+    ever wins, and every step chooses the same pair."""
+    m, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
+    if (m.get("type") != "BPE" or data.get("normalizer") is not None or m.get("dropout")
+            or m.get("continuing_subword_prefix") or m.get("end_of_word_suffix") or m.get("byte_fallback")
+            or m.get("ignore_merges")):
+        return None, "not a plain BPE model"
+    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+        return None, "not GPT-2's byte-level pre-tokenizer"
+    if [(t.get("content"), t.get("special")) for t in data.get("added_tokens", [])] != [(EOT, True)]:
+        return None, f"added tokens other than {EOT}"
+    alphabet = byte_alphabet()
+    try:
+        ranks = {bytes(alphabet[c] for c in tok): i for tok, i in m["vocab"].items() if tok != EOT}
+    except KeyError:
+        return None, "a token outside the byte-level alphabet"
+    by_id = {i: b for b, i in ranks.items()}
+    last = -1
+    for merge in m.get("merges", []):
+        a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
+        pa, pb = bytes(alphabet[c] for c in a), bytes(alphabet[c] for c in b)
+        r = ranks.get(pa + pb)
+        if r is None or r <= last or _bpe_parts(pa + pb, ranks, r) != [pa, pb]:
+            return None, f"merge {a!r} + {b!r} is not rebuilt by rank order"
+        last = r
+    singles = [i for i, b in by_id.items() if len(b) == 1]
+    if len(singles) != 256 or max(singles) > min((i for i, b in by_id.items() if len(b) > 1), default=256):
+        return None, "the 256 bytes are not the first tokens"
+    return ranks, ""
+
+
+def tiktoken_for(hf) -> tuple[Optional[object], str]:
+    """(a tiktoken Encoding giving exactly this HF byte-level BPE's ids, "") or (None, why not)."""
+    import tiktoken
+
+    data = json.loads(hf.to_str())
+    ranks, why = _ranks_if_equivalent(data)
+    if ranks is None:
+        return None, why
+    eot = next(t["id"] for t in data["added_tokens"])
+    try:
+        return tiktoken.Encoding(name="picollm-bpe", pat_str=TIKTOKEN_GPT2_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens={EOT: eot}), ""
+    except Exception as e:  # noqa: BLE001 - any refusal by tiktoken means: use HF
+        return None, f"tiktoken refused the ranks ({type(e).__name__})"
+
+
+def _groups(texts: Sequence[str], n: int) -> list[Sequence[str]]:
+    """texts cut into at most n runs of about equal characters, in order."""
+    if n <= 1 or len(texts) < 2 * n:
+        return [texts]
+    ends = np.cumsum([len(t) for t in texts])
+    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, n) / n).tolist()
+    bounds = sorted({0, *cuts, len(texts)})
+    return [texts[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def tiktoken_documents(enc, texts: Sequence[str], eot_id: int, literal_eot_special: bool,
+                       threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """encode_documents through tiktoken: each thread encodes its run of texts joined by end-of-text with
+    `encode_to_numpy` (no Python int per token; tiktoken cuts at special tokens before its regex, so the
+    ids are those of each text alone, and the separators are the end-of-text ids the file wants). A run
+    whose texts hold the end-of-text string itself is encoded text by text: as the special id when
+    literal_eot_special (HF's rule for added tokens), as plain text otherwise (tiktoken's encode_ordinary)."""
+    if not texts:
+        return np.zeros(0, np.uint32), np.zeros(0, np.int64)
+
+    def run(group):
+        tokens = enc.encode_to_numpy(EOT.join(group) + EOT, allowed_special={EOT})
+        ends = np.flatnonzero(tokens == eot_id)
+        if len(ends) == len(group):
+            return tokens, np.diff(ends, prepend=-1) - 1
+        per = (enc.encode_batch(list(group), allowed_special={EOT}, num_threads=1) if literal_eot_special
+               else enc.encode_ordinary_batch(list(group), num_threads=1))
+        return _joined(per, eot_id)
+
+    groups = _groups(texts, threads or cpu_count())
+    with ThreadPoolExecutor(len(groups)) as pool:  # tiktoken releases the GIL while it encodes
+        parts = list(pool.map(run, groups))
+    return (np.concatenate([p[0] for p in parts]).astype(np.uint32, copy=False),
+            np.concatenate([p[1] for p in parts]).astype(np.int64, copy=False))
+
+
 # --------------------------------------------------------------------------- gpt2 (tiktoken)
 
 
 class GPT2Tokenizer(Tokenizer):
     name = "gpt2"
+    encoder = "tiktoken"
 
     def __init__(self, enc, local_dir: Optional[str] = None):
         self.enc = enc  # tiktoken.Encoding
@@ -209,6 +374,9 @@ class GPT2Tokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.enc.encode_ordinary_batch(list(texts))
+
+    def encode_documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        return tiktoken_documents(self.enc, texts, self.eot_id, literal_eot_special=False)
 
     def decode(self, ids) -> str:
         return self.enc.decode(_ids(ids), errors="replace")

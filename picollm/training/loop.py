@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data.batches import IGNORE_INDEX, Batcher
-from ..data.corpus import Corpus
+from ..data.corpus import Corpus, data_line
 from ..data.tokenizers import load_tokenizer
 from ..device import autocast_factory, dtype_name, resolve_device, resolve_precision
 from ..errors import PicoError
@@ -331,6 +331,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     run = open_run(model_cfg, data_cfg, train_cfg, run_dir, dd, device, corpus, resume, overwrite, say)
     stepper = make_stepper(run, say)
     say(describe(run, train_cfg.device))
+    say(data_line(run.corpus))
     st, cfg = run.state, run.train_cfg
     # disable=None: no bar when stderr is not a terminal (logs, CI)
     bar = tqdm(total=run.total_steps, initial=st.step, disable=None if (progress and dd.main) else True,
