@@ -27,14 +27,11 @@ def load(path: str, device: str = "cpu"):
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 50, *, temperature: float = 1.0,
              top_k=None, top_p=None, greedy: bool = False, stop_at_eot: bool = False, seed=None,
              num_samples: int = 1, decoder: str = "auto"):
-    """Prompt -> completion text (a list when num_samples > 1). decoder: auto | fused | torch, as
-    `pico-llm generate --decoder`."""
+    """Prompt -> completion text (a list when num_samples > 1); an empty prompt samples from the
+    end-of-text token alone. decoder: auto | fused | torch, as `pico-llm generate --decoder`."""
     from .config import SampleConfig
-    from .errors import PicoError
     from .sampling import generate_text
 
-    if prompt == "":
-        raise PicoError("the prompt must not be empty")
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        greedy=greedy, stop_at_eot=stop_at_eot, seed=seed)
     device = next(model.parameters()).device

@@ -31,7 +31,7 @@ from safetensors.torch import load_model, save_model
 from .config import DataConfig, ModelConfig, TrainConfig
 from .data.tokenizers import load_tokenizer
 from .errors import PicoError
-from .fsio import atomic_path, fsync_dir, write_json, write_text
+from .fsio import atomic_path, chmod_as_open, fsync_dir, json_text, write_json, write_text
 from .models import build_model
 
 CONFIG, TOKENIZER, WEIGHTS, TRAINER = "config.json", "tokenizer.json", "model.safetensors", "trainer.pt"
@@ -55,6 +55,45 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def is_run(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isfile(checkpoint_file(path, WEIGHTS))
+
+
+def runs_under(path: str, loadable: bool = True) -> list[str]:
+    """Every run directory at any depth under path (path itself when it is one), sorted. A directory with a
+    config.json is a run and is not looked into, nor is a hidden directory. loadable: only the runs with
+    weights (is_run); else also those that have not saved a checkpoint yet."""
+    out = []
+    for root, dirs, _ in os.walk(path):
+        if os.path.isfile(os.path.join(root, CONFIG)):
+            out.append(root)
+            dirs.clear()
+        else:
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+    return sorted(r for r in out if is_run(r) or not loadable)
+
+
+def listing(items: list[str], budget: int) -> str:
+    """'a, b, and N more': as many items as fit in about `budget` characters."""
+    shown = []
+    for it in items:
+        if shown and sum(len(s) + 2 for s in shown) + len(it) > budget:
+            break
+        shown.append(it)
+    more = len(items) - len(shown)
+    return ", ".join(shown) + (f", and {more} more" if more else "")
+
+
+def not_a_run(path: str) -> PicoError:
+    """The error for a command that needs one run given `path`, which is not one: it does not exist, or
+    it holds no runs, or it holds several (the message names them)."""
+    if not os.path.exists(path):
+        return PicoError(f"{path} does not exist")
+    runs = runs_under(path) if os.path.isdir(path) else []
+    if not runs:
+        return PicoError(f"{path} is not a run directory (no {CONFIG}) and holds no runs")
+    if len(runs) == 1:
+        return PicoError(f"{path} is not a run directory; the run inside it is {runs[0]}")
+    head = f"{path} holds {len(runs)} runs, not one: pick one, e.g. {runs[0]}"
+    return PicoError(f"{head} (also: {listing(runs[1:], max(240 - len(head), 40))})")
 
 
 def _pending(run_dir: str) -> list[tuple[int, str]]:
@@ -89,6 +128,8 @@ def prepare_run_dir(run_dir: str, resume: bool, overwrite: bool) -> None:
         if not is_run(run_dir):
             raise PicoError(f"--resume {run_dir}: not a run directory")
         return
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise PicoError(f"{run_dir} is a file, not a directory; choose another --run_name or --output_dir")
     if os.path.exists(run_dir) and os.listdir(run_dir):
         if not overwrite:
             raise PicoError(f"{run_dir} already exists; pass --resume to continue it, --overwrite to replace it, "
@@ -96,7 +137,10 @@ def prepare_run_dir(run_dir: str, resume: bool, overwrite: bool) -> None:
         if not is_run(run_dir):
             raise PicoError(f"--overwrite: {run_dir} is not a run directory; refusing to delete it")
         shutil.rmtree(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:  # a part of the path is a file, no permission
+        raise PicoError(f"cannot create the run directory {run_dir}: {e.strerror or type(e).__name__}") from None
 
 
 def save_config(run_dir: str, model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
@@ -105,10 +149,8 @@ def save_config(run_dir: str, model: ModelConfig, data: DataConfig, train: Train
 
 def load_config(run_dir: str) -> tuple[ModelConfig, DataConfig, TrainConfig]:
     path = os.path.join(run_dir, CONFIG)
-    if not os.path.isdir(run_dir):
-        raise PicoError(f"{run_dir}: no such run directory")
     if not os.path.isfile(path):
-        raise PicoError(f"{run_dir} is not a run directory (no {CONFIG})")
+        raise not_a_run(run_dir)
     try:
         with open(path) as f:
             d = json.load(f)
@@ -119,6 +161,7 @@ def load_config(run_dir: str) -> tuple[ModelConfig, DataConfig, TrainConfig]:
 
 def _save_weights_file(model: torch.nn.Module, path: str, step: int) -> None:
     save_model(unwrap(model), path, metadata={"step": str(step)})
+    chmod_as_open(path)  # safetensors writes 0600
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -229,12 +272,12 @@ def load_run(run_dir: str, device: str = "cpu"):
 def append_metrics(run_dir: str, records: list[dict]) -> None:
     with open(os.path.join(run_dir, METRICS), "a") as f:
         for r in records:
-            f.write(json.dumps(r) + "\n")
+            f.write(json_text(r) + "\n")
 
 
 def write_metrics(run_dir: str, records: list[dict]) -> None:
     """Replaces metrics.jsonl (atomically) with these records."""
-    write_text(os.path.join(run_dir, METRICS), "".join(json.dumps(r) + "\n" for r in records))
+    write_text(os.path.join(run_dir, METRICS), "".join(json_text(r) + "\n" for r in records))
 
 
 def read_metrics(run_dir: str) -> list[dict]:

@@ -6,12 +6,14 @@ are PicoError: one line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
+import difflib
+import importlib.metadata
 import os
 import sys
 import time
 from typing import Callable, Optional
 
+from . import __version__
 from . import checkpoint as ckpt
 from .analysis.attention import attention_report
 from .analysis.neighbors import monosemantic_report, neighbors_report
@@ -20,9 +22,9 @@ from .config import SampleConfig
 from .data.corpus import build_corpus, prepared_table
 from .data.prepare import info_table
 from .data.sources import generate_numbers
-from .device import enable_transparent_huge_pages, resolve_device, resolve_precision
+from .device import DEVICE_CHOICES, enable_transparent_huge_pages, resolve_device, resolve_precision
 from .errors import PicoError
-from .evaluate import evaluate_run
+from .evaluate import evaluate_runs
 from .experiments.compare import compare_runs
 from .experiments.report import write_report
 from .experiments.sweep import run_sweep
@@ -44,6 +46,8 @@ from .sampling import generate_text, sample_settings
 from .tables import md_table
 from .training import train, train_models
 from .training.distributed import broadcast_object, join_processes, teardown_distributed
+from .training.runs import multi_runs, resume_models
+from .training.stop import STOP
 
 # --------------------------------------------------------------------------- handlers
 
@@ -51,6 +55,9 @@ from .training.distributed import broadcast_object, join_processes, teardown_dis
 def train_from_flags(a: argparse.Namespace) -> dict:
     """`pico-llm train` (and every process under `torchrun -m picollm train`): a new run, several, or
     --resume of one (the flags that can change applied, the others refused)."""
+    if a.resume and multi_runs(a.resume):  # a multi-model folder: every model that is not finished
+        return resume_models(a.resume, lambda stored: resume_configs(a, stored), stop_at_step=a.stop_at_step,
+                             progress=not a.no_progress, sinks_of=tensorboard_sinks)
     if a.resume:
         mcfg, dcfg, tcfg = resume_configs(a, ckpt.load_config(a.resume))
         return {mcfg.model: train(mcfg, dcfg, tcfg, a.resume, resume=True, stop_at_step=a.stop_at_step,
@@ -64,22 +71,33 @@ def train_from_flags(a: argparse.Namespace) -> dict:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    """Exit status 0, or 128 + the signal that stopped it (training/stop.py)."""
     complete(a)
     try:
-        train_from_flags(a)
-        return 0
+        with STOP:
+            train_from_flags(a)
+        return STOP.exit_status()
     finally:
         teardown_distributed()
 
 
+def check_greedy(a: argparse.Namespace) -> None:
+    """--greedy takes the most probable token, so a sampling flag beside it would be ignored: refused."""
+    given = [flag for flag, on in (("--top_p", a.top_p is not None), ("--top_k", a.top_k is not None),
+                                   ("--temperature", a.temperature != 1.0)) if on]
+    if a.greedy and given:
+        raise PicoError(f"--greedy takes the most probable token, so {' and '.join(given)} would be ignored; "
+                        "give one or the other")
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
-    model, tok, (mcfg, dcfg, tcfg) = ckpt.load_run(a.run)
-    dtype = resolve_precision(a.precision, "cpu")
+    check_greedy(a)
+    device = resolve_device(a.device_id)
+    model, tok, (mcfg, dcfg, tcfg) = ckpt.load_run(a.run, device)
+    dtype = resolve_precision(a.precision, device)
     if dtype is not None:  # test loss moved by <= 0.0002 nats in bf16 for each family; decoding ~1.2x faster
         model = model.to(dtype)
-    prompt = tcfg.prompt if a.prompt is None else a.prompt
-    if prompt == "":
-        raise PicoError("--prompt must not be empty")
+    prompt = tcfg.prompt if a.prompt is None else a.prompt  # "": unconditional, from end-of-text
     base = SampleConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                         greedy=a.greedy, stop_at_eot=a.stop_at_eot, seed=a.seed)
     if a.num_samples < 1:
@@ -87,10 +105,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.compare_p:
         rows = [(label, text) for label, cfg in sample_settings(a.compare_p, base)
                 for text in generate_text(model, tok, prompt, cfg, num_samples=1 if cfg.greedy else a.num_samples,
-                                          decoder=a.decoder)]
+                                          device=device, decoder=a.decoder)]
         print(md_table(["setting", "sample"], rows), end="")
         return 0
-    for text in generate_text(model, tok, prompt, base, num_samples=a.num_samples, decoder=a.decoder):
+    for text in generate_text(model, tok, prompt, base, num_samples=a.num_samples, device=device, decoder=a.decoder):
         print(text)
         if a.num_samples > 1:
             print("---")
@@ -102,18 +120,23 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise PicoError("--batch_size and --eval_batches must be >= 1")
     if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
         raise PicoError(f"--json {a.json}: its directory does not exist")
-    result = evaluate_run(a.run, input_files=a.input_files, batch_size=a.batch_size, max_batches=a.eval_batches,
-                          precision=a.precision)
-    for k, v in result.items():
-        print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
-    if a.json:  # nan (no sequence long enough to score) is written as null
-        write_json(a.json, {k: None if isinstance(v, float) and v != v else v for k, v in result.items()})
+    results = evaluate_runs(a.run, log=lambda m: print(m, file=sys.stderr), input_files=a.input_files,
+                            batch_size=a.batch_size, max_batches=a.eval_batches, device=resolve_device(a.device_id),
+                            precision=a.precision)
+    one = list(results) == [a.run]  # a run; else a folder of runs: one block per run, headed by its path
+    for run, result in results.items():
+        if not one:
+            print(f"{run}:")
+        for k, v in result.items():
+            print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
+    if a.json:  # nan (no sequence long enough to score) is written as null; a folder: {run: figures}
+        write_json(a.json, results[a.run] if one else results)
     return 0
 
 
 def cmd_attention(a: argparse.Namespace) -> int:
     r = attention_report(a.run, prompt=a.prompt, layer=a.layer, heads=a.heads, out=a.out, json_path=a.json,
-                         all_layers=a.all, seed=a.seed)
+                         all_layers=a.all, seed=a.seed, device=resolve_device(a.device_id))
     print("tokens: " + " ".join(r["tokens"]))
     print(r["table"])
     print(f"wrote {a.out}" + (f" and {a.json}" if a.json else ""))
@@ -122,7 +145,7 @@ def cmd_attention(a: argparse.Namespace) -> int:
 
 def cmd_neighbors(a: argparse.Namespace) -> int:
     print(neighbors_report(a.run, tokens=a.tokens, k=a.k, n_clusters=a.clusters, text=a.text, seed=a.seed,
-                           top=a.top))
+                           top=a.top, device=resolve_device(a.device_id)))
     return 0
 
 
@@ -140,6 +163,8 @@ def cmd_data(a: argparse.Namespace) -> int:
         raise PicoError("--count must be >= 1")
     if os.path.isdir(a.out):
         raise PicoError(f"--out {a.out} is a directory")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
+        raise PicoError(f"--out {a.out}: directory {os.path.dirname(os.path.abspath(a.out))} does not exist")
     lines = generate_numbers(a.count, seed=a.seed)
     write_text(a.out, "\n".join(lines) + "\n")
     print(f"wrote {len(lines)} sequences to {a.out}")
@@ -159,15 +184,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
                     log=lambda m: print(m, file=sys.stderr))
     print(format_report(res))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(a.json, res)
     return 0
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    run_sweep(a.spec, a.output_dir, tuple(a.set), tensorboard=a.tensorboard, overwrite=a.overwrite,
-              progress=not a.no_progress, dry_run=a.dry_run)
-    return 0
+    with STOP:
+        run_sweep(a.spec, a.output_dir, tuple(a.set), tensorboard=a.tensorboard, overwrite=a.overwrite,
+                  progress=not a.no_progress, dry_run=a.dry_run)
+    return STOP.exit_status()
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
@@ -176,11 +201,18 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    print(f"wrote {write_report(a.path, out=a.out, max_new_tokens=a.max_new_tokens, seed=a.seed)}")
+    out = write_report(a.path, out=a.out, max_new_tokens=a.max_new_tokens, seed=a.seed,
+                       log=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {out}")
     return 0
 
 
 # --------------------------------------------------------------------------- arguments of each subcommand
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device_id", default="cpu", help=f"where the model runs: {DEVICE_CHOICES} (as train's; "
+                   "an unavailable device falls back to the CPU)")
 
 
 def generate_args(g: argparse.ArgumentParser) -> None:
@@ -197,19 +229,21 @@ def generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--compare_p", default=None, help="e.g. greedy,0.2,0.5,0.95,1.0: a Markdown table")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="weights for sampling: auto = bf16 where the hardware runs it fast (as training's autocast), else fp32")
+    add_device_arg(g)
     g.add_argument("--decoder", choices=["auto", "fused", "torch"], default="auto",
                    help="Transformer decode step: fused = one C call per token on a CPU (compiled at first use), "
                         "torch = PyTorch ops; auto = fused where it can serve the model and batch <= 4")
 
 
 def eval_args(e: argparse.ArgumentParser) -> None:
-    e.add_argument("run")
+    e.add_argument("run", help="a run directory, or a folder: every run under it")
     e.add_argument("--input_files", nargs="+", default=None, help="evaluate on these files instead of the test split")
     e.add_argument("--batch_size", type=int, default=32)
     e.add_argument("--eval_batches", type=int, default=50)
     e.add_argument("--json", default=None)
     e.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: the precision the run trained in (its --precision, resolved for this machine)")
+    add_device_arg(e)
 
 
 def attention_args(at: argparse.ArgumentParser) -> None:
@@ -221,6 +255,7 @@ def attention_args(at: argparse.ArgumentParser) -> None:
     at.add_argument("--out", default="attention.png", help="the figure: .png, .pdf or .svg")
     at.add_argument("--json", default=None, help="also write tokens, weights and scores as JSON")
     at.add_argument("--seed", type=int, default=0, help="seed of the random sequences scored for induction")
+    add_device_arg(at)
 
 
 def neighbors_args(nb: argparse.ArgumentParser) -> None:
@@ -231,6 +266,7 @@ def neighbors_args(nb: argparse.ArgumentParser) -> None:
     nb.add_argument("--text", default=None, help="with --clusters: cluster this text's hidden states, not embeddings")
     nb.add_argument("--top", type=int, default=10, help="tokens listed per cluster")
     nb.add_argument("--seed", type=int, default=0)
+    add_device_arg(nb)
 
 
 def data_args(d: argparse.ArgumentParser) -> None:
@@ -272,7 +308,7 @@ def sweep_args(sw: argparse.ArgumentParser) -> None:
 
 
 def compare_args(cp: argparse.ArgumentParser) -> None:
-    cp.add_argument("runs", nargs="+", metavar="RUN", help="run directories (a sweep directory: all its runs)")
+    cp.add_argument("runs", nargs="+", metavar="RUN", help="run directories (any other directory: every run under it)")
     cp.add_argument("--out", default=None, help="directory for compare.md and compare.png (default: the runs' parent)")
     cp.add_argument("--patience", type=int, default=3,
                     help="consecutive rising test-loss evaluations (with falling train loss) that flag overfitting")
@@ -304,13 +340,33 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("picollm")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return __version__
+
+
+def build_parser() -> Parser:
+    """The command line; `p.commands` maps each command name to its parser."""
     p = Parser(prog="pico-llm", description="A laboratory for tiny language models.")
+    p.add_argument("--version", action="version", version=f"pico-llm {package_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, help_text, add_args, handler in COMMANDS:
         add_args(sub.add_parser(name, help=help_text))
         sub.choices[name].set_defaults(func=handler)
+    p.commands = sub.choices
     return p
+
+
+def check_command(word: str) -> None:
+    """A first word that names no command: one line, with the closest command if one is close."""
+    names = [c[0] for c in COMMANDS]
+    if word.startswith("-") or word in names:
+        return
+    close = difflib.get_close_matches(word, names, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "choose from: " + ", ".join(names)
+    raise PicoError(f"unknown command {word!r}; {hint}")
 
 
 def run_cli(fn: Callable[[], int]) -> int:
@@ -322,14 +378,21 @@ def run_cli(fn: Callable[[], int]) -> int:
         rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"  # under torchrun
         print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C outside a training step, or a second signal
+        print(f"interrupted ({STOP.name or 'SIGINT'})", file=sys.stderr)
+        return STOP.exit_status(130)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     def go() -> int:
-        args = build_parser().parse_args(argv)
+        words, parser = sys.argv[1:] if argv is None else list(argv), build_parser()
+        if not words:  # the usage and the list of commands
+            parser.print_help(sys.stderr)
+            return 2
+        check_command(words[0])
+        args, extra = parser.parse_known_args(words)
+        if extra:  # named by the command's parser, which knows its flags
+            parser.commands[args.command].unrecognized(extra)
         return args.func(args)
 
     return run_cli(go)
@@ -346,9 +409,12 @@ def classic_main(argv: Optional[list[str]] = None) -> int:
         if args.run_name is None:
             args.run_name = time.strftime("classic-%Y%m%d-%H%M%S")
         try:
-            train_from_flags(args)
+            with STOP:
+                train_from_flags(args)
         finally:
             teardown_distributed()
+        if STOP.requested:
+            return STOP.exit_status()
         if args.monosemantic_enabled:  # the starter's stub: each generated token with its embedding neighbours
             root = args.resume or os.path.join(args.output_dir, args.run_name)
             names = [] if args.resume else parse_models(args.models)

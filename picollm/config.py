@@ -81,7 +81,8 @@ class DataConfig(_JSON):
         _choice("batching", self.batching, BATCHINGS)
         _check(0.0 <= self.tinystories_weight <= 1.0,
                f"--tinystories_weight must be in [0, 1], got {self.tinystories_weight}")
-        _check(0.0 <= self.test_fraction < 1.0, f"--test_fraction must be in [0, 1), got {self.test_fraction}")
+        _check(0.0 < self.test_fraction < 1.0, f"--test_fraction must be in (0, 1), got {self.test_fraction} "
+               "(a run needs a test split: its test loss is what every table reports)")
         _check(self.limit_custom_examples is None or self.limit_custom_examples >= 1,
                "--limit_custom_examples must be >= 1")
         _check(self.numbers_count >= 1, "--numbers_count must be >= 1")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Callable, Optional
 
-from .checkpoint import load_run
+from .checkpoint import CONFIG, WEIGHTS, load_run, not_a_run, runs_under
 from .data.batches import Source, tokenize_split
 from .data.corpus import build_corpus, is_numeric_text
 from .data.sources import read_text_files
@@ -36,3 +37,16 @@ def evaluate_run(run_dir: str, input_files: Optional[list[str]] = None, batch_si
     if numeric:
         out["continuation_accuracy"] = continuation_accuracy(model, tok, numeric_docs, device=device)
     return out
+
+
+def evaluate_runs(path: str, log: Callable[[str], None] = print, **kw) -> dict[str, dict]:
+    """{run: evaluate_run(run, **kw)}: of path itself when it is a run, else of every run at any depth under
+    it (a multi-model folder, a sweep); runs without a checkpoint yet are left out, with a line to `log`."""
+    if os.path.isfile(os.path.join(path, CONFIG)) or not os.path.isdir(path):
+        return {path: evaluate_run(path, **kw)}
+    runs = runs_under(path)
+    if not runs:
+        raise not_a_run(path)
+    for r in sorted(set(runs_under(path, loadable=False)) - set(runs)):
+        log(f"left out {r}: no checkpoint yet (no {WEIGHTS})")
+    return {r: evaluate_run(r, **kw) for r in runs}

@@ -9,7 +9,10 @@ it can and refuses the others by name (`resume_configs`)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import difflib
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -36,11 +39,48 @@ from .device import DEVICE_CHOICES
 from .errors import PicoError
 
 
+def shown_default(value: Any) -> Optional[str]:
+    """A default as --help shows it, or None where there is nothing to show (None, False, [], a switch)."""
+    if value is None or value is False or value == [] or value is argparse.SUPPRESS:
+        return None
+    return str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help with "(default: X)" after each flag that has a default (train's flags say theirs in their
+    help: their parse default is SUPPRESS)."""
+
+    def _format_action(self, action):
+        shown = shown_default(action.default) if action.option_strings else None
+        if shown is not None and "default" not in (action.help or ""):
+            action = copy.copy(action)
+            action.help = f"{action.help or ''} (default: {shown.replace('%', '%%')})".strip()
+        return super()._format_action(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that raises PicoError (one line, exit 2) instead of printing usage."""
+    """argparse that raises PicoError (one line, exit 2) instead of printing usage, names the closest
+    flag for a misspelt one, and shows defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise PicoError(f"{self.prog}: {message}")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.unrecognized(extra)
+        return parsed
+
+    def unrecognized(self, extra: list[str]) -> None:
+        """argparse's error for arguments no flag takes, with "did you mean" for a misspelt flag."""
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        words = [w.split("=", 1)[0] for w in extra if w.startswith("--")]
+        close = next((m[0] for w in words if (m := difflib.get_close_matches(w, known, n=1))), None)
+        self.error("unrecognized arguments: " + " ".join(extra) + (f"; did you mean {close}?" if close else ""))
 
 
 def parse_subset(s: str):
@@ -146,7 +186,8 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     F("precision", "training", default="auto", values=PRECISIONS,
       help="auto: bf16 autocast where the hardware runs it fast, else fp32"),
     F("compile", "training", None, help="torch.compile the model (falls back to eager on failure)"),
-    F("prompt", "training", default="Once upon a"),
+    F("prompt", "training", help="the prompt of the samples printed at the end (default: 'Once upon a'; "
+      "'0 1 2 3 4' with --dataset numbers)"),
     F("max_new_tokens", "training", int, 20, "length of the samples printed at the end"),
     F("output_dir", "training", default="runs"),
     F("run_name", "training", help="default: a timestamp and the model names"),
@@ -155,7 +196,7 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     F("stop_at_step", "training", int, help="stop (with a checkpoint) after this step"),
     F("no_progress", "training", None, help="no progress bar"),
     F("tensorboard", "training", None,
-      help="also write TensorBoard event files in the run directory (pip install -e .[tensorboard])"),
+      help="also write TensorBoard event files in the run directory (pip install -e '.[tensorboard]')"),
 )
 FLAGS: dict[str, Flag] = {f.name: f for f in TRAIN_FLAGS}
 
@@ -166,6 +207,8 @@ CLASSIC_DEFAULTS = dict(models="lstm", tokenizer="gpt2", tinystories_weight=0.5,
 # 1150 steps of batch 32 x 64 tokens; every family gets the same budget (a Transformer about two minutes
 # on 2 CPU cores). Otherwise one epoch.
 NUMBERS_EPOCHS, DEFAULT_EPOCHS = 8, 1
+# Without --prompt: a story opening, or the numeric corpus's counting run with --dataset numbers.
+NUMBERS_PROMPT, DEFAULT_PROMPT = "0 1 2 3 4", "Once upon a"
 
 
 # `pico-llm data prepare`: the flags that determine the data (--seed seeds the numeric corpus).
@@ -180,8 +223,9 @@ def add_train_arguments(p: argparse.ArgumentParser, only: Optional[tuple[str, ..
         if only is not None and f.name not in only:
             continue
         g = groups.get(f.group) or groups.setdefault(f.group, p.add_argument_group(f.group))
-        shown = f" ({_one_of(f.values)})" if f.values else ""
-        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=(f.help + shown).strip() or None)
+        default = None if f.switch else shown_default(f.default)
+        shown = "; ".join(([_one_of(f.values)] if f.values else []) + ([f"default: {default}"] if default else []))
+        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f"{f.help} ({shown})".strip() if shown else f.help or None)
         if f.switch:
             g.add_argument("--" + f.name, action="store_true", **kw)
         else:
@@ -232,12 +276,13 @@ def data_config(a: argparse.Namespace) -> DataConfig:
 def train_config(a: argparse.Namespace) -> TrainConfig:
     epochs = a.epochs if a.epochs is not None else NUMBERS_EPOCHS if a.dataset == "numbers" \
         else getattr(a, "default_epochs", DEFAULT_EPOCHS)
+    prompt = a.prompt if a.prompt is not None else NUMBERS_PROMPT if a.dataset == "numbers" else DEFAULT_PROMPT
     return TrainConfig(epochs=epochs, max_steps_per_epoch=a.max_steps_per_epoch, batch_size=a.batch_size,
                        grad_accum_steps=a.grad_accum_steps, learning_rate=a.learning_rate,
                        weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, lr_schedule=a.lr_schedule,
                        grad_clip=a.grad_clip, eval_interval=a.eval_interval, eval_batches=a.eval_batches,
                        log_interval=a.log_interval, device=a.device_id, precision=a.precision, compile=a.compile,
-                       seed=a.seed, prompt=a.prompt, max_new_tokens=a.max_new_tokens, tensorboard=a.tensorboard)
+                       seed=a.seed, prompt=prompt, max_new_tokens=a.max_new_tokens, tensorboard=a.tensorboard)
 
 
 def model_flags(a: argparse.Namespace) -> dict:
@@ -254,9 +299,20 @@ def model_flags(a: argparse.Namespace) -> dict:
                 kgram_chunk_size=a.kgram_chunk_size)
 
 
+def check_output_dir(path: str) -> None:
+    """--output_dir is a directory or can become one: refused before anything is written when it, or the
+    nearest part of its path that exists, is a file."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise PicoError(f"--output_dir {path}: {p} is a file, not a directory")
+
+
 def configs_from_args(a: argparse.Namespace):
     """(model names, {model: ModelConfig}, DataConfig, TrainConfig) from completed train flags (validated)."""
     names = parse_models(a.models)
+    check_output_dir(a.output_dir)
     data, train = data_config(a), train_config(a)
     models = {m: resolve_model_config(preset=a.preset, model=m, **model_flags(a)) for m in names}
     return names, models, data, train

@@ -4,11 +4,12 @@ directory. The one atomic writer of the project: checkpoints, tokenizers, report
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 def cache_dir() -> Path:
@@ -30,6 +31,24 @@ def fsync_dir(d: str) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's umask: read from /proc where there is one (setting it to read it back races with
+    other threads creating files), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def chmod_as_open(path: str) -> None:
+    """Gives path the mode a plain open() would have, 0666 less the umask: mkstemp and safetensors'
+    writer make 0600, and a run directory is meant to be shared."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 @contextmanager
 def atomic_path(path: str):
     """Yields a temporary path beside `path`; on success fsyncs it and renames it over `path`."""
@@ -41,7 +60,7 @@ def atomic_path(path: str):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run directory is meant to be shared
+        chmod_as_open(tmp)
         os.replace(tmp, path)
         fsync_dir(d)
     finally:
@@ -49,9 +68,25 @@ def atomic_path(path: str):
             os.remove(tmp)
 
 
+def finite(obj: Any) -> Any:
+    """obj with every NaN or infinite float replaced by None: JSON has no NaN (Python writes a bare `NaN`
+    that strict parsers, browsers and jq refuse), and null says "not defined" in every reader."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: Optional[int] = None) -> str:
+    """Strict JSON of obj (see `finite`): what every JSON file a run writes holds."""
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: str, obj: Any) -> None:
-    with atomic_path(str(path)) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+    write_text(path, json_text(obj, indent=2))
 
 
 def write_text(path: str, text: str) -> None:

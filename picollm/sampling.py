@@ -165,15 +165,17 @@ def generate(model, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int] 
 
 def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, num_samples: int = 1, device="cpu",
                   decoder: str = "auto") -> list[str]:
-    """Prompt text -> num_samples completions (prompt included), decoded."""
-    ids = tokenizer.encode(prompt)
+    """Prompt text -> num_samples completions (prompt included), decoded. An empty prompt samples
+    unconditionally: from the end-of-text token alone, which the text leaves out."""
+    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    start = 0 if prompt else 1  # where the returned text begins
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     out = generate(model, idx, cfg, eot_id=tokenizer.eot_id, decoder=decoder)
     texts = []
     for row in out.tolist():
         if cfg.stop_at_eot and tokenizer.eot_id in row[len(ids):]:
             row = row[: len(ids) + row[len(ids):].index(tokenizer.eot_id)]
-        texts.append(tokenizer.decode(row))
+        texts.append(tokenizer.decode(row[start:]))
     return texts
 
 

@@ -99,6 +99,8 @@ CASES = {
     "tinystories_weight < 0": T("--dataset", "numbers", "--tinystories_weight", "-0.1"),
     "test_fraction = 1": T("--dataset", "numbers", "--test_fraction", "1.0"),
     "test_fraction < 0": T("--dataset", "numbers", "--test_fraction", "-0.2"),
+    "test_fraction = 0 (no test split)": T("--dataset", "numbers", "--test_fraction", "0"),
+    "one document: a split would be empty": T("--input_files", "{files}/ok.txt", "--input_mode", "documents"),
     "batch_size < 1": T("--dataset", "numbers", "--batch_size", "0"),
     "empty prompt (train)": T("--dataset", "numbers", "--prompt", ""),
     "no data at all": T("--tinystories_weight", "0"),
@@ -109,7 +111,6 @@ CASES = {
     "top_p > 1": ["generate", "{run}", "--top_p", "1.5"],
     "top_p = 0": ["generate", "{run}", "--top_p", "0"],
     "temperature < 0": ["generate", "{run}", "--temperature", "-1"],
-    "empty prompt (generate)": ["generate", "{run}", "--prompt", ""],
     "bad compare_p": ["generate", "{run}", "--compare_p", "greedy,abc"],
     "--decoder fused for an LSTM": ["generate", "{run}", "--decoder", "fused"],
     "not a run (generate)": ["generate", "{files}"],
@@ -132,6 +133,13 @@ CASES = {
     "sweep spec: grad_accum_steps does not divide": ["sweep", "{files}/accum.toml", "--output_dir", "{runs}"],
     "sweep --set without =": ["sweep", "{files}/accum.toml", "--output_dir", "{runs}", "--set", "epochs"],
     "compare: no runs there": ["compare", "{files}"],
+    "data numbers --out in a missing directory": ["data", "numbers", "--out", "{files}/nodir/n.txt"],
+    "run directory is a file": T("--dataset", "numbers", "--run_name", "good/config.json"),
+    "run directory below a file": T("--dataset", "numbers", "--run_name", "good/config.json/sub"),
+    "--greedy with --top_p": ["generate", "{run}", "--greedy", "--top_p", "0.9"],
+    "--greedy with --top_k": ["generate", "{run}", "--greedy", "--top_k", "5"],
+    "--greedy with --temperature": ["generate", "{run}", "--greedy", "--temperature", "0.5"],
+    "misspelt command": ["trian", "--dataset", "numbers"],
 }
 # Every damaged checkpoint, through each command that loads one.
 for _cmd in ("generate", "eval", "resume"):
@@ -139,6 +147,19 @@ for _cmd in ("generate", "eval", "resume"):
                         ("truncated model.safetensors", "truncated"), ("corrupt model.safetensors", "garbage"),
                         ("corrupt config.json", "config")):
         CASES[f"{_what} ({_cmd})"] = (["train", "--resume"] if _cmd == "resume" else [_cmd]) + [f"{{runs}}/{_dir}"]
+CASES.update({  # folders that are not one run; paths that do not exist ({runs} holds ten runs: the list is cut short)
+    "a folder of runs, not one (generate)": ["generate", "{runs}"],
+    "a folder of runs, not one (attention)": ["attention", "{runs}"],
+    "a folder of runs, not one (neighbors)": ["neighbors", "{runs}", "--tokens", "1"],
+    "a folder of runs, not one (export)": ["export", "{runs}", "--out", "{files}/hf"],
+    "a folder of runs, one with a corrupt config (eval)": ["eval", "{runs}"],
+    "not a run (attention)": ["attention", "{files}"],
+    "report: no runs there": ["report", "{files}"],
+    "missing run (eval)": ["eval", "{files}/nope"],
+    "missing run (attention)": ["attention", "{files}/nope"],
+    "missing run (report)": ["report", "{files}/nope"],
+    "missing run (compare)": ["compare", "{files}/nope"],
+})
 
 
 def test_the_matrix_is_large():

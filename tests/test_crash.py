@@ -169,7 +169,7 @@ def test_a_signal_saves_prints_the_resume_command_and_resumes_bit_for_bit(tmp_pa
     wait_for(lambda: metrics.exists() and metrics.read_text().count("train_loss") >= 3, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-1500:]
+    assert proc.returncode == 128 + sig, err[-1500:]  # 130 / 143: `train && next-step` does not go on
     stopped = ckpt.load_trainer_state(str(run))["step"]
     total = len([r for r in ckpt.read_metrics(str(once)) if "train_loss" in r])
     assert 3 <= stopped < total, (stopped, total)
@@ -177,6 +177,56 @@ def test_a_signal_saves_prints_the_resume_command_and_resumes_bit_for_bit(tmp_pa
     assert f"Resume with: pico-llm train --resume {run}\n" in out
     assert main(["train", "--resume", str(run), "--no_progress"]) == 0
     assert_same_weights(weights(str(run)), weights(str(once)))
+
+
+MULTI = [a for a in LONGER if a not in ("--models", "transformer")] + ["--models", "lstm,kgram,transformer"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_every_model_of_a_multi_model_run_and_one_resume_finishes_them(tmp_path, sig):
+    root = tmp_path / "multi"
+    proc = spawn(train_argv(tmp_path, "multi", *MULTI))
+    metrics = root / "lstm" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count("train_loss") >= 3, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-1500:]
+    steps = {m: ckpt.load_trainer_state(str(root / m))["step"] for m in ("lstm", "kgram", "transformer")}
+    assert steps["lstm"] >= 3 and steps["kgram"] == 0 and steps["transformer"] == 0, steps  # none trained on
+    assert not (root / "comparison.md").exists()
+    assert f"stopped by {sig.name}: lstm at step {steps['lstm']}/" in out
+    assert "kgram at step 0/" in out and "transformer at step 0/" in out
+    assert f"continue them all with: pico-llm train --resume {root}\n" in out
+    assert main(["train", "--resume", str(root), "--no_progress"]) == 0
+    table = (root / "comparison.md").read_text()
+    assert all(m in table for m in ("lstm", "kgram", "transformer"))
+    for m in ("lstm", "kgram", "transformer"):
+        assert ckpt.read_summary(str(root / m))["test_loss"] > 0
+    assert main(["train", "--resume", str(root), "--no_progress"]) == 0  # all finished: nothing to do
+
+
+def test_a_signal_stops_a_sweep_lists_the_points_left_and_exits_143(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[base]\ndataset = "numbers"\nnumbers_count = 150\ntokenizer = "byte"\nmodels = "transformer"\n'
+                    'embed_size = 32\nn_blocks = 1\nn_heads = 2\nblock_size = 16\nbatch_size = 8\neval_batches = 2\n'
+                    'epochs = 5\nlog_interval = 1\nmax_new_tokens = 4\n[grid]\nseed = [1, 2, 3]\n')
+    proc = spawn(["sweep", str(spec), "--output_dir", str(tmp_path), "--no_progress"])
+    metrics = tmp_path / "s" / "seed=1" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count("train_loss") >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-1500:]
+    assert "sweep stopped by SIGTERM during seed=1; 3 of 3 points left (seed=1, seed=2, seed=3)" in out
+    assert not (tmp_path / "s" / "seed=2").exists()
+
+
+def test_a_failed_new_run_leaves_no_directory(tmp_path, capsys):
+    one = tmp_path / "one.txt"
+    one.write_text("just one document, nothing to test on\n")
+    argv = train_argv(tmp_path, "r", *TINY, "--input_files", str(one), "--input_mode", "documents")
+    assert main([a for a in argv if a not in ("--dataset", "numbers", "--numbers_count", "150")]) == 2
+    assert "only 1 distinct document" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_nan_loss_stops_before_the_checkpoint_and_names_the_last_good_one(tmp_path, monkeypatch, capsys):

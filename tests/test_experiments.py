@@ -375,7 +375,7 @@ def test_tensorboard_missing_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     assert main(TRAIN + ["--output_dir", str(tmp_path), "--run_name", "tb", "--tensorboard"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "pip install -e .[tensorboard]" in err
+    assert err.count("\n") == 1 and "pip install -e '.[tensorboard]'" in err
     assert not (tmp_path / "tb").exists()
 
 

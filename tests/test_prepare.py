@@ -116,8 +116,10 @@ def test_no_test_document_is_trained_on_and_duplicates_are_dropped(tmp_path):
 def test_tiny_corpora_still_split(tmp_path):
     one = tmp_path / "one.txt"
     one.write_text("a single document\nof two lines\n")
-    c = build_corpus(DataConfig(input_files=[str(one)], input_mode="documents", tokenizer="byte"))
-    assert c.sources[0].train.n_docs == 1 and c.sources[0].test.n_docs == 0  # it trains on its one document
+    with pytest.raises(PicoError, match="only 1 distinct document.*--input_mode lines"):  # no NaN test loss
+        build_corpus(DataConfig(input_files=[str(one)], input_mode="documents", tokenizer="byte"))
+    c = build_corpus(DataConfig(input_files=[str(one)], tokenizer="byte"))  # as lines: two documents
+    assert c.sources[0].test.n_docs == 1 and c.sources[0].train.n_docs == 1
     few = tmp_path / "few.txt"
     few.write_text("".join(f"line {i}\n" for i in range(4)))
     c = build_corpus(DataConfig(input_files=[str(few)], tokenizer="byte"))

@@ -14,7 +14,6 @@ Scores of a head (each a mean attention weight, so in [0, 1]):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Optional
@@ -23,6 +22,7 @@ import torch
 
 from ..checkpoint import load_run
 from ..errors import PicoError
+from ..fsio import write_json
 from ..models.hooks import run_with_cache
 from ..plots import attention_heatmaps
 
@@ -197,13 +197,13 @@ def _check_output(path: Optional[str], flag: str, exts: Optional[tuple] = None) 
 
 def attention_report(run_dir: str, prompt: Optional[str] = None, layer: int = 0, heads: str = "all",
                      out: Optional[str] = "attention.png", json_path: Optional[str] = None, all_layers: bool = False,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, device: str = "cpu") -> dict:
     """`pico-llm attention`: heat-maps of the chosen heads (all layers x heads with all_layers) written to
     `out`, every head's scores, and with json_path the weights and scores as JSON. Returns the JSON's
     content plus "table" (the scores as text)."""
     _check_output(out, "--out", FIGURE_FORMATS)
     _check_output(json_path, "--json")
-    model, tok, (mcfg, _, tcfg) = load_run(run_dir)
+    model, tok, (mcfg, _, tcfg) = load_run(run_dir, device)
     require_transformer(model, run_dir)
     if all_layers:
         layers, head_list = list(range(mcfg.n_layer)), list(range(mcfg.n_head))
@@ -240,7 +240,6 @@ def attention_report(run_dir: str, prompt: Optional[str] = None, layer: int = 0,
         attention_heatmaps(grid, tokens, out, title=f"{os.path.basename(os.path.normpath(run_dir))}: {prompt!r}",
                            label_every_panel=not all_layers)
     if json_path is not None:
-        with open(json_path, "w") as f:
-            json.dump(result, f)
+        write_json(json_path, result)
     result["table"] = format_scores(rows)
     return result

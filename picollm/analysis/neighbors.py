@@ -205,7 +205,7 @@ def parse_tokens(spec: str) -> list[str]:
 
 
 def neighbors_report(run_dir: str, tokens: Optional[str] = None, k: int = 8, n_clusters: Optional[int] = None,
-                     text: Optional[str] = None, seed: int = 0, top: int = 10) -> str:
+                     text: Optional[str] = None, seed: int = 0, top: int = 10, device: str = "cpu") -> str:
     """`pico-llm neighbors`: the text it prints."""
     if tokens is None and n_clusters is None:
         raise PicoError("give --tokens (nearest neighbours) and/or --clusters K")
@@ -213,7 +213,7 @@ def neighbors_report(run_dir: str, tokens: Optional[str] = None, k: int = 8, n_c
         raise PicoError("--text needs --clusters K (k-means over the text's hidden states)")
     if top < 1:
         raise PicoError(f"--top must be >= 1, got {top}")
-    model, tok, (mcfg, _, _) = load_run(run_dir)
+    model, tok, (mcfg, _, _) = load_run(run_dir, device)
     parts = []
     if tokens is not None:
         if mcfg.model == "transformer" and mcfg.tie_weights:

@@ -169,21 +169,18 @@ class DigestSet:
 @dataclass
 class Assignment:
     """Which split a digest belongs to: test below the threshold (test_fraction * 2**64), or all test (an
-    official test split), or none (a training split with its official test split excluded); `force_*`: the
-    fallbacks' digests."""
+    official test split), or none (a training split with its official test split excluded); `force_test`: the
+    fallback's digest, held out when the hash put nothing in the test split."""
 
     threshold: int = 0
     all_test: bool = False
     exclude: Optional[DigestSet] = None
     force_test: Optional[int] = None
-    force_train: Optional[int] = None
 
     def is_test(self, d: np.ndarray) -> np.ndarray:
         test = np.full(len(d), True) if self.all_test else d < np.uint64(self.threshold)
         if self.force_test is not None:
             test |= d == np.uint64(self.force_test)
-        if self.force_train is not None:
-            test &= d != np.uint64(self.force_train)
         return test
 
 
@@ -250,9 +247,10 @@ def fallback(assign: Assignment, stats: PassStats, test_fraction: float, name: s
     when the pass stands. A corpus too small for test_fraction is a PicoError."""
     if assign.all_test or assign.exclude is not None or stats.unique == 0:
         return None
-    if stats.n_test == stats.unique and assign.force_train is None:  # nothing to train on
-        if stats.unique == 1:
-            return Assignment(assign.threshold, force_train=stats.min_digest)
+    if stats.unique == 1:  # one split or the other would be empty: no test loss, or nothing to train on
+        raise PicoError(f"{name}: only 1 distinct document, too few for a train and a test split; give more "
+                        "documents, or --input_mode lines (one example per non-empty line)")
+    if stats.n_test == stats.unique:  # nothing to train on
         raise PicoError(f"{name}: only {stats.unique} distinct documents: too few for --test_fraction {test_fraction}")
     if test_fraction > 0 and stats.n_test == 0 and stats.unique >= 2 and assign.force_test is None:
         return Assignment(assign.threshold, force_test=stats.min_digest)

@@ -3,8 +3,8 @@ each run's early-stopping point (the evaluation of lowest test loss) and an over
 
 A run is flagged as overfitting when its test loss rises at `patience` (default 3) or more consecutive
 evaluations while its train loss falls over the same span (train loss at an evaluation: the mean of the
-train losses logged since the evaluation before). A directory that is not a run but holds runs (a sweep,
-or a multi-model run) stands for those runs.
+train losses logged since the evaluation before). A directory that is not a run stands for every run at
+any depth under it (a sweep, a multi-model run, a folder of those).
 """
 
 from __future__ import annotations
@@ -77,27 +77,55 @@ def run_stats(records: list[dict], patience: int = 3) -> dict:
     return out
 
 
-def resolve_runs(paths: list[str]) -> list[str]:
-    """Run directories from the arguments: a run stands for itself, a directory of runs for those runs
-    (in the order of its sweep.json when it is a sweep, else sorted)."""
-    out = []
+def _has_metrics(run: str) -> bool:
+    p = os.path.join(run, ckpt.METRICS)
+    return os.path.isfile(p) and os.path.getsize(p) > 0
+
+
+def _sweep_order(root: str, runs: list[str]) -> list[str]:
+    """runs under root in the order of root's sweep.json points when it is a sweep (others after)."""
+    meta = read_sweep(root)
+    if not meta:
+        return runs
+    rank = {q["run"]: i for i, q in enumerate(meta["points"])}
+    return sorted(runs, key=lambda r: rank.get(os.path.relpath(r, root).split(os.sep)[0], len(rank)))
+
+
+def find_runs(paths: list[str]) -> tuple[list[str], list[str]]:
+    """(runs, notes) from the arguments: a run stands for itself, any other directory for every run at any
+    depth under it (in its sweep.json's order when it is a sweep, else sorted). Notes say what was left
+    out (a run with no metrics yet) and which runs are unfinished (no summary.json: figures so far)."""
+    out, notes = [], []
     for p in paths:
         if not os.path.exists(p):
-            raise PicoError(f"{p}: no such run directory")
+            raise PicoError(f"{p} does not exist")
         if not os.path.isdir(p):
             raise PicoError(f"{p} is not a run directory")
         if os.path.isfile(os.path.join(p, ckpt.CONFIG)):
             out.append(p)
             continue
-        meta = read_sweep(p)
-        names = [q["run"] for q in meta["points"]] if meta else sorted(os.listdir(p))
-        inner = [os.path.join(p, n) for n in names if os.path.isfile(os.path.join(p, n, ckpt.CONFIG))]
+        found = _sweep_order(p, ckpt.runs_under(p, loadable=False))
+        inner = [r for r in found if _has_metrics(r)]
+        notes += [f"left out {r}: no metrics yet (not started)" for r in found if r not in inner]
         if not inner:
-            raise PicoError(f"{p} is not a run directory (no {ckpt.CONFIG}) and holds no runs")
+            raise PicoError(f"{p} is not a run directory (no {ckpt.CONFIG}) and holds no runs"
+                            + (f" with metrics yet ({len(found)} not started)" if found else ""))
         out.extend(inner)
     if len(set(map(os.path.abspath, out))) != len(out):
         raise PicoError("a run is given twice")
-    return out
+    unfinished = [r for r in out if not os.path.isfile(os.path.join(r, ckpt.SUMMARY))]
+    if unfinished:
+        notes.append(f"{len(unfinished)} of {len(out)} runs unfinished (no {ckpt.SUMMARY}), figures so far: "
+                     + ckpt.listing(unfinished, 200))
+    return out, notes
+
+
+def resolve_runs(paths: list[str], log: Callable[[str], None] = print) -> list[str]:
+    """find_runs' runs; its notes go to `log`."""
+    runs, notes = find_runs(paths)
+    for n in notes:
+        log(n)
+    return runs
 
 
 def run_labels(runs: list[str]) -> list[str]:
@@ -137,7 +165,7 @@ def compare_runs(paths: list[str], out: Optional[str] = None, patience: int = 3,
     runs' common parent directory unless given). Returns {"table", "runs": {label: stats}, "md", "png"}."""
     if patience < 1:
         raise PicoError("--patience must be >= 1")
-    runs = resolve_runs(paths)
+    runs = resolve_runs(paths, log)
     labels = run_labels(runs)
     records = {}
     for label, r in zip(labels, runs):

@@ -68,6 +68,7 @@ from ..errors import PicoError
 from ..flags import FLAGS, Flag, complete, configs_from_args, train_parser
 from ..plots import loss_panels, metrics_vs_param
 from ..training import train, train_models
+from ..training.stop import STOP
 from .tensorboard import require_tensorboard, tensorboard_sinks
 
 SPEC_KEYS = ("name", "description", "x", "base", "grid", "points")
@@ -362,6 +363,22 @@ def _clear_stale(run_dir: str) -> None:
 
 # --------------------------------------------------------------------------- running
 
+def _train_point(sweep: Sweep, pt: Point, state: str, overwrite: bool, head: str, log: Callable[[str], None]) -> dict:
+    """Trains one sweep point (resuming it when unfinished); its summary, or its stop record."""
+    d = sweep.run_dir(pt)
+    if state == "unfinished" and not overwrite:
+        log(f"{head}: resuming {d}")
+        mcfg, dcfg, tcfg = ckpt.load_config(d)
+        tcfg = dataclasses.replace(tcfg, tensorboard=pt.train.tensorboard)
+        return train(mcfg, dcfg, tcfg, d, resume=True, progress=pt.progress, log=log, sinks=tensorboard_sinks(tcfg)(d))
+    log(f"{head}: training {d}")
+    if state == "stale":
+        _clear_stale(d)
+    return train_models([pt.model.model], {pt.model.model: pt.model}, pt.data, pt.train, sweep.root, pt.name,
+                        overwrite=overwrite, progress=pt.progress, log=log,
+                        sinks=tensorboard_sinks(pt.train))[pt.model.model]
+
+
 def run_sweep(path: str, output_dir: str = "runs", overrides: tuple[str, ...] = (), *, tensorboard: bool = False,
               overwrite: bool = False, progress: bool = True, dry_run: bool = False,
               log: Callable[[str], None] = print) -> Sweep:
@@ -380,33 +397,25 @@ def run_sweep(path: str, output_dir: str = "runs", overrides: tuple[str, ...] = 
         "swept": sweep.swept, "base": sweep.base, "points": [{"run": p.name, "values": p.values, "settings": p.settings}
                                                  for p in sweep.points]})
     failed = []
-    for i, pt in enumerate(sweep.points, 1):
-        d, state = sweep.run_dir(pt), states[pt.name]
-        head = f"[{i}/{n}] {pt.name}"
-        if state == "finished" and not overwrite:
-            log(f"{head}: finished, skipped ({d})")
-            continue
-        try:
-            if state == "unfinished" and not overwrite:
-                log(f"{head}: resuming {d}")
-                mcfg, dcfg, tcfg = ckpt.load_config(d)
-                tcfg = dataclasses.replace(tcfg, tensorboard=pt.train.tensorboard)
-                summary = train(mcfg, dcfg, tcfg, d, resume=True, progress=pt.progress, log=log,
-                                sinks=tensorboard_sinks(tcfg)(d))
-            else:
-                log(f"{head}: training {d}")
-                if state == "stale":
-                    _clear_stale(d)
-                summary = train_models([pt.model.model], {pt.model.model: pt.model}, pt.data, pt.train,
-                                       sweep.root, pt.name, overwrite=overwrite, progress=pt.progress,
-                                       log=log, sinks=tensorboard_sinks(pt.train))[pt.model.model]
-        except PicoError as e:  # e.g. a diverging learning rate: a result too; the other points still run
-            log(f"{head}: failed: {e}")
-            failed.append(f"{pt.name} ({e})")
-            continue
-        if "stopped_at" in summary:
-            log(f"sweep stopped during {pt.name}; run the same command again to continue")
-            return sweep
+    with STOP:  # a signal stops the sweep, not just the point being trained
+        for i, pt in enumerate(sweep.points, 1):
+            d, state = sweep.run_dir(pt), states[pt.name]
+            head = f"[{i}/{n}] {pt.name}"
+            if state == "finished" and not overwrite:
+                log(f"{head}: finished, skipped ({d})")
+                continue
+            try:
+                summary = _train_point(sweep, pt, state, overwrite, head, log)
+            except PicoError as e:  # e.g. a diverging learning rate: a result too; the other points still run
+                log(f"{head}: failed: {e}")
+                failed.append(f"{pt.name} ({e})")
+                continue
+            if "stopped_at" in summary:
+                left = [pt.name] + [p.name for p in sweep.points[i:] if overwrite or states[p.name] != "finished"]
+                why = f" by {STOP.name}" if STOP.requested else ""
+                log(f"sweep stopped{why} during {pt.name}; {len(left)} of {n} points left ({', '.join(left)}); "
+                    "run the same command again to continue")
+                return sweep
     write_results(sweep, log=log)
     if failed:
         raise PicoError(f"{len(failed)} of {n} sweep points failed: {'; '.join(failed)}")

@@ -19,7 +19,7 @@ def require_tensorboard():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise PicoError("--tensorboard needs the tensorboard package: pip install -e .[tensorboard]") from None
+        raise PicoError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'") from None
     return SummaryWriter
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
-import threading
+import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -43,6 +43,7 @@ from .distributed import (
     wrap_ddp,
 )
 from .optim import lr_at, make_optimizer, set_lr
+from .stop import STOP
 from .summary import finish_run
 
 MetricsSink = Callable[[list[dict]], None]  # receives the records metrics.jsonl gets (e.g. TensorBoard)
@@ -211,27 +212,6 @@ class MetricsLog:
         self.restart_clock()
 
 
-class StopFlag:
-    """SIGINT / SIGTERM during training: finish the step, checkpoint, exit cleanly."""
-
-    def __init__(self):
-        self.signum = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
 # ----------------------------------------------------------------------------- set-up
 
 
@@ -267,8 +247,19 @@ def open_run(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfi
              device: str, corpus: Optional[Corpus], resume: bool, overwrite: bool,
              say: Callable[[str], None]) -> Run:
     """The run directory, data, model, optimizer and batcher of a new run, or of a resumed one as its
-    last checkpoint left them."""
+    last checkpoint left them. A new run's directory that this call created is removed when it fails."""
+    fresh = not resume and not os.path.exists(run_dir)
     on_main(lambda: ckpt.prepare_run_dir(run_dir, resume, overwrite), dd)
+    try:
+        return _open_run(model_cfg, data_cfg, train_cfg, run_dir, dd, device, corpus, resume, say)
+    except BaseException:
+        if fresh and dd.main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _open_run(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, run_dir: str, dd: Dist,
+              device: str, corpus: Optional[Corpus], resume: bool, say: Callable[[str], None]) -> Run:
     if corpus is None:
         corpus = shared_corpus(data_cfg, dd, tokenizer=load_tokenizer(run_dir) if resume else None)
     tok = corpus.tokenizer
@@ -321,14 +312,22 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
           stop_at_step: Optional[int] = None, progress: bool = True, log: Callable[[str], None] = print,
           sinks: tuple[MetricsSink, ...] = ()) -> dict:
     """Train one model; writes the run directory; returns summary.json's content (or, when stopped
-    early by stop_at_step or a signal, {"stopped_at": step, "run_dir": ..., "signal": name or None}).
+    early by stop_at_step or a signal, {"stopped_at": step, "total_steps": ..., "run_dir": ..., "signal":
+    name or None}). A signal stops the loop after the current step (training/stop.py).
     `sinks` also receive every record metrics.jsonl gets (rank 0 only)."""
     dd = join_processes(train_cfg)
     device = resolve_device(train_cfg.device)
     if dd.ddp and device.startswith("cuda"):
         device = f"cuda:{dd.local_rank}"
     say = log if dd.main else (lambda s: None)  # one voice: rank 0's
-    run = open_run(model_cfg, data_cfg, train_cfg, run_dir, dd, device, corpus, resume, overwrite, say)
+    with STOP:  # a signal before the loop interrupts at once; a new run's directory is then removed
+        run = open_run(model_cfg, data_cfg, train_cfg, run_dir, dd, device, corpus, resume, overwrite, say)
+        return _train_loop(run, stop_at_step, progress, say, log, sinks)
+
+
+def _train_loop(run: Run, stop_at_step: Optional[int], progress: bool, say: Callable[[str], None],
+                log: Callable[[str], None], sinks: tuple[MetricsSink, ...]) -> dict:
+    dd, data_cfg, train_cfg, run_dir, device = run.dist, run.data_cfg, run.train_cfg, run.run_dir, run.device
     stepper = make_stepper(run, say)
     say(describe(run, train_cfg.device))
     say(data_line(run.corpus))
@@ -340,9 +339,9 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     halted = False  # a signal reached some rank: every rank stops after the same step
 
     run.model.train()
-    with StopFlag() as stop:
+    with STOP.stepping() as stop:
         while st.step < run.total_steps and not (stop_at_step is not None and st.step >= stop_at_step):
-            halted = any_rank(stop.signum is not None, dd, device)
+            halted = any_rank(stop.requested, dd, device)
             if halted:
                 break
             lr = lr_at(st.step, run.total_steps, cfg)
@@ -361,16 +360,15 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
                     bar.write(f"step {st.step}: test loss {rec['test_loss']:.4f}, {rec['bits_per_byte']:.3f} bits/byte")
                 run.checkpoint()
                 metrics.restart_clock()  # evaluation time does not count as training time
-    bar.close()
-
-    if st.step < run.total_steps:  # stopped early: flush, checkpoint, tell how to go on
-        metrics.flush()
-        run.checkpoint()
-        signame = signal.Signals(stop.signum).name if stop.signum is not None else None
-        why = (f"signal {signame}" if signame else "signal on another rank") if halted else f"stop at step {st.step}"
-        say(f"stopped ({why}) at step {st.step}/{run.total_steps}; checkpoint saved. "
-            f"Resume with: {resume_command(run_dir, dd)}")
-        return {"stopped_at": st.step, "run_dir": run_dir, "signal": signame}
+        bar.close()
+        if st.step < run.total_steps:  # stopped early: flush, checkpoint, tell how to go on
+            metrics.flush()
+            run.checkpoint()
+            signame = STOP.name
+            why = (f"signal {signame}" if signame else "signal on another rank") if halted else f"stop at step {st.step}"
+            say(f"stopped ({why}) at step {st.step}/{run.total_steps}; checkpoint saved. "
+                f"Resume with: {resume_command(run_dir, dd)}")
+            return {"stopped_at": st.step, "total_steps": run.total_steps, "run_dir": run_dir, "signal": signame}
     if not dd.main:
         return {"rank": dd.rank, "run_dir": run_dir}
     return finish_run(run.model, run.corpus, run.model_cfg, data_cfg, cfg, run_dir, device, num_params(run.model),
