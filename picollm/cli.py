@@ -15,8 +15,12 @@ from typing import Callable, Optional
 
 from . import __version__
 from . import checkpoint as ckpt
+from .analysis import sae_report, sae_train
 from .analysis.attention import attention_report
+from .analysis.lens import lens_report
 from .analysis.neighbors import monosemantic_report, neighbors_report
+from .analysis.patching import patching_report
+from .analysis.sae import steering_hooks
 from .bench import format_report, run_bench
 from .config import SampleConfig
 from .data.corpus import build_corpus, prepared_table
@@ -42,6 +46,7 @@ from .flags import (
     resume_configs,
 )
 from .fsio import write_json, write_text
+from .models.hooks import hooks_attached
 from .sampling import generate_text, sample_settings
 from .tables import md_table
 from .training import train, train_models
@@ -102,13 +107,20 @@ def cmd_generate(a: argparse.Namespace) -> int:
                         greedy=a.greedy, stop_at_eot=a.stop_at_eot, seed=a.seed)
     if a.num_samples < 1:
         raise PicoError("--num_samples must be >= 1")
+    if a.steer and a.decoder == "fused":
+        raise PicoError("--steer runs hooks, which the fused decoder does not; use --decoder torch or auto")
+    with hooks_attached(model, steering_hooks(a.steer, model)):  # the fused C step runs no hooks: torch
+        return _generate(a, model, tok, prompt, base, device, "torch" if a.steer else a.decoder)
+
+
+def _generate(a: argparse.Namespace, model, tok, prompt: str, base: SampleConfig, device: str, decoder: str) -> int:
     if a.compare_p:
         rows = [(label, text) for label, cfg in sample_settings(a.compare_p, base)
                 for text in generate_text(model, tok, prompt, cfg, num_samples=1 if cfg.greedy else a.num_samples,
-                                          device=device, decoder=a.decoder)]
+                                          device=device, decoder=decoder)]
         print(md_table(["setting", "sample"], rows), end="")
         return 0
-    for text in generate_text(model, tok, prompt, base, num_samples=a.num_samples, device=device, decoder=a.decoder):
+    for text in generate_text(model, tok, prompt, base, num_samples=a.num_samples, device=device, decoder=decoder):
         print(text)
         if a.num_samples > 1:
             print("---")
@@ -138,6 +150,21 @@ def cmd_attention(a: argparse.Namespace) -> int:
     r = attention_report(a.run, prompt=a.prompt, layer=a.layer, heads=a.heads, out=a.out, json_path=a.json,
                          all_layers=a.all, seed=a.seed, device=resolve_device(a.device_id))
     print("tokens: " + " ".join(r["tokens"]))
+    print(r["table"])
+    print(f"wrote {a.out}" + (f" and {a.json}" if a.json else ""))
+    return 0
+
+
+def cmd_lens(a: argparse.Namespace) -> int:
+    r = lens_report(a.run, prompt=a.prompt, out=a.out, json_path=a.json, device=resolve_device(a.device_id))
+    print(r["table"])
+    print(f"wrote {a.out}" + (f" and {a.json}" if a.json else ""))
+    return 0
+
+
+def cmd_patch(a: argparse.Namespace) -> int:
+    r = patching_report(a.run, a.clean, a.corrupt, target=a.target, out=a.out, json_path=a.json,
+                        device=resolve_device(a.device_id))
     print(r["table"])
     print(f"wrote {a.out}" + (f" and {a.json}" if a.json else ""))
     return 0
@@ -233,6 +260,9 @@ def generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--decoder", choices=["auto", "fused", "torch"], default="auto",
                    help="Transformer decode step: fused = one C call per token on a CPU (compiled at first use), "
                         "torch = PyTorch ops; auto = fused where it can serve the model and batch <= 4")
+    g.add_argument("--steer", action="append", default=[], metavar="SAE_DIR:FEATURE=SCALE",
+                   help="add SCALE x the SAE feature's decoder row at its site at every position (repeatable; "
+                        "decodes with --decoder torch)")
 
 
 def eval_args(e: argparse.ArgumentParser) -> None:
@@ -256,6 +286,24 @@ def attention_args(at: argparse.ArgumentParser) -> None:
     at.add_argument("--json", default=None, help="also write tokens, weights and scores as JSON")
     at.add_argument("--seed", type=int, default=0, help="seed of the random sequences scored for induction")
     add_device_arg(at)
+
+
+def lens_args(ln: argparse.ArgumentParser) -> None:
+    ln.add_argument("run")
+    ln.add_argument("--prompt", default=None, help="default: the run's training prompt")
+    ln.add_argument("--out", default="lens.png", help="the figure: .png, .pdf or .svg")
+    ln.add_argument("--json", default=None, help="also write every layer's top tokens, ranks and probabilities as JSON")
+    add_device_arg(ln)
+
+
+def patch_args(pa: argparse.ArgumentParser) -> None:
+    pa.add_argument("run")
+    pa.add_argument("--clean", required=True, help="the prompt whose activations are patched in")
+    pa.add_argument("--corrupt", required=True, help="the prompt run with patches (same token length as --clean)")
+    pa.add_argument("--target", default=None, help="one token; default: the clean run's top next token")
+    pa.add_argument("--out", default="patching.png", help="the figure: .png, .pdf or .svg")
+    pa.add_argument("--json", default=None, help="also write every site's scores as JSON")
+    add_device_arg(pa)
 
 
 def neighbors_args(nb: argparse.ArgumentParser) -> None:
@@ -321,6 +369,20 @@ def report_args(rp: argparse.ArgumentParser) -> None:
     rp.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
+def sae_args(s: argparse.ArgumentParser) -> None:
+    actions = s.add_subparsers(dest="action", required=True, parser_class=Parser)
+    for name, module, help_text in (
+            ("train", sae_train, "train a sparse autoencoder on a hook point's activations over the run's data"),
+            ("report", sae_report, "an HTML page of an SAE's metrics and its top features' contexts")):
+        sub = actions.add_parser(name, help=help_text)
+        module.add_args(sub)
+        sub.set_defaults(sae_run=module.run)
+
+
+def cmd_sae(a: argparse.Namespace) -> int:
+    return a.sae_run(a)
+
+
 # --------------------------------------------------------------------------- the table
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -329,6 +391,9 @@ COMMANDS: tuple[Command, ...] = (
     ("generate", "sample from a trained run", generate_args, cmd_generate),
     ("eval", "test loss, perplexity, bits per byte, continuation accuracy", eval_args, cmd_eval),
     ("attention", "attention heat-maps of a layer's heads on a prompt; per-head scores", attention_args, cmd_attention),
+    ("lens", "the logit lens: each layer's residual stream read through the final norm and head", lens_args, cmd_lens),
+    ("patch", "activation patching: clean activations into a corrupt run, per layer, position and head",
+     patch_args, cmd_patch),
     ("neighbors", "nearest tokens in embedding space; k-means clusters", neighbors_args, cmd_neighbors),
     ("data", "prepare data once (data prepare), see what is cached (data info), write a built-in corpus",
      data_args, cmd_data),
@@ -337,6 +402,7 @@ COMMANDS: tuple[Command, ...] = (
     ("sweep", "train one run per point of a grid / list over train flags (TOML spec)", sweep_args, cmd_sweep),
     ("compare", "overlaid loss curves and a table of runs; early-stopping and overfitting", compare_args, cmd_compare),
     ("report", "one self-contained HTML page for a run or a sweep", report_args, cmd_report),
+    ("sae", "sparse autoencoders: sae train (on a hook point), sae report (features, contexts)", sae_args, cmd_sae),
 )
 
 

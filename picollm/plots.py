@@ -230,3 +230,60 @@ def run_curves(records: list[dict], path, title: str = "loss") -> None:
     ax.legend(fontsize=8)
     fig.savefig(path, format="png")
     plt.close(fig)
+
+
+def feature_density(freqs: list[float], n_dead: int, path, dense: float = None, title: str = "feature density") -> None:
+    """Histogram of log10 firing frequency of an SAE's features that fired (`freqs`: fraction of tokens per
+    feature; the n_dead that never fired are named in the title, not plotted), the dense threshold
+    dashed. `path`: a file name or a binary file."""
+    live = [math.log10(f) for f in freqs if f > 0]
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110, layout="constrained")
+    if live:
+        ax.hist(live, bins=min(50, max(10, len(live) // 8)), color="#4c72b0", alpha=0.9)
+    if dense:
+        ax.axvline(math.log10(dense), color="#c2410c", ls="--", lw=1.2, label=f"dense above {dense:g}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("log10 firing frequency (fraction of tokens)")
+    ax.set_ylabel("features")
+    ax.set_title(f"{title}: {len(live)} fired, {n_dead} dead (not shown)")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def annotated_heatmaps(panels: list[dict], path: str, title: str = "", cbar_label: str = "",
+                       vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis") -> None:
+    """Heat-maps stacked top to bottom on one colour scale, for the logit lens and activation patching.
+    Each panel: {"title", "values" (R, C), "rows" (R labels), "cols" (C labels), optional "text" (R x C
+    strings written in the cells)}. A NaN cell is drawn light grey."""
+    heights = [max(len(p["rows"]), 1) for p in panels]
+    width = max(len(p["cols"]) for p in panels)
+    cell = min(0.6, 14.0 / max(width, 1))  # inches per cell
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width * cell + 2.8, sum(heights) * cell + 1.4 * len(panels) + 0.6),
+                             dpi=110, squeeze=False, layout="constrained", gridspec_kw={"height_ratios": heights})
+    cm = plt.get_cmap(cmap).with_extremes(bad="#eeeeee")
+    image = None
+    for ax, p in zip(axes[:, 0], panels):
+        values = np.ma.masked_invalid(np.asarray(p["values"], dtype=float))
+        image = ax.imshow(values, cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="auto")
+        ax.set_title(p["title"], fontsize=9)
+        ax.set_xticks(range(len(p["cols"])))
+        ax.set_xticklabels(p["cols"], rotation=90, fontsize=7)
+        ax.set_yticks(range(len(p["rows"])))
+        ax.set_yticklabels(p["rows"], fontsize=7)
+        ax.tick_params(length=0)
+        mid = (vmin + vmax) / 2
+        for (r, c), s in np.ndenumerate(np.asarray(p.get("text", []), dtype=object)):
+            v = values[r, c]
+            if np.ma.is_masked(v):
+                dark = False
+            else:  # viridis is dark at the low end, a diverging map at both ends
+                dark = v < mid if cmap == "viridis" else abs(v - mid) > 0.3 * (vmax - vmin)
+            ax.text(c, r, s, ha="center", va="center", fontsize=max(4.0, 9 * cell / 0.6),
+                    color="white" if dark else "black")
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label=cbar_label)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path)
+    plt.close(fig)
