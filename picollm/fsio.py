@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
+from .errors import PicoError
+
 
 def cache_dir() -> Path:
     """$PICOLLM_CACHE_DIR, else ~/.cache/picollm: trained tokenizers, compiled kernels."""
@@ -87,6 +89,19 @@ def json_text(obj: Any, indent: Optional[int] = None) -> str:
 
 def write_json(path: str, obj: Any) -> None:
     write_text(path, json_text(obj, indent=2))
+
+
+def output_file(out: Optional[str], default_dir: str, name: str) -> str:
+    """Where a command writes its file: default_dir/name without --out, out/name when out is a directory
+    (or ends in a separator), else out; its directory must exist (one-line PicoError)."""
+    if out is None:
+        out = os.path.join(default_dir, name)
+    elif os.path.isdir(out) or out.endswith(os.sep):
+        out = os.path.join(out, name)
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise PicoError(f"--out {out}: directory {parent} does not exist")
+    return out
 
 
 def write_text(path: str, text: str) -> None:

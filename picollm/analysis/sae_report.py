@@ -18,14 +18,10 @@ is applied (the page says so); other sites get no token effects.
 from __future__ import annotations
 
 import argparse
-import base64
-import html
-import io
 import math
 import os
 import re
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,8 +32,9 @@ from ..data.batches import eval_windows
 from ..data.corpus import build_corpus
 from ..device import DEVICE_CHOICES, resolve_device
 from ..errors import PicoError
-from ..fsio import write_text
+from ..fsio import output_file, write_text
 from ..models.hooks import run_with_cache, select
+from ..pages import esc, png_data_uri, visible
 from ..plots import feature_density
 from .sae import load_sae, read_metrics
 from .sae_train import DENSE_THRESHOLD as DENSE_FREQ  # dense: fires on more than this fraction of tokens
@@ -198,47 +195,29 @@ def token_effects(model, site: str, w_dec: torch.Tensor) -> tuple[Optional[torch
 # --------------------------------------------------------------------------- HTML
 
 
-def _e(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
 def _token_html(tok, i: int) -> str:
     """One token as text: a newline shown as ↵, control characters as escapes."""
-    out = []
-    for ch in tok.decode([i]):
-        if ch == "\n":
-            out.append('<span class="esc">↵</span>')
-        elif ch == " " or unicodedata.category(ch)[0] not in "CZ":
-            out.append(_e(ch))
-        else:
-            out.append(f'<span class="esc">{_e(ch.encode("unicode_escape").decode())}</span>')
-    return "".join(out)
+    return visible(tok.decode([i]), newline='<span class="esc">↵</span>')
 
 
 def _num(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    return _e("–" if v is None else v)
+    return esc("–" if v is None else v)
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
-    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    th = "".join(f"<th>{esc(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _png(draw) -> str:
-    buf = io.BytesIO()
-    draw(buf)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def settings_html(cfg, metrics: dict) -> str:
     extra = cfg.extra or {}
-    rows = [[_e(k), f"<code>{_num(v)}</code>"] for k, v in (("run", cfg.run), ("site", cfg.site), ("d_in", cfg.d_in),
+    rows = [[esc(k), f"<code>{_num(v)}</code>"] for k, v in (("run", cfg.run), ("site", cfg.site), ("d_in", cfg.d_in),
                                                           ("features", cfg.features), ("kind", cfg.kind),
                                                           ("k", cfg.k), ("l1", cfg.l1), *extra.items())]
-    mrows = [[_e(k), f'<span class="mono">{_num(v)}</span>', _e(METRIC_MEANINGS.get(k, ""))] for k, v in metrics.items()]
+    mrows = [[esc(k), f'<span class="mono">{_num(v)}</span>', esc(METRIC_MEANINGS.get(k, ""))] for k, v in metrics.items()]
     out = "<h2>Configuration</h2>" + _table(["setting", "value"], rows) + "<h2>Metrics</h2>"
     if not mrows:
         return out + '<p class="sub">No metrics.json in this SAE directory.</p>'
@@ -249,11 +228,11 @@ def density_html(s: Scan, features: int) -> str:
     freq = (s.counts.double() / s.n_tokens).tolist()
     dead = sum(1 for f in freq if f == 0)
     dense = sum(1 for f in freq if f > DENSE_FREQ)
-    uri = _png(lambda buf: feature_density(freq, dead, buf, dense=DENSE_FREQ))
+    uri = png_data_uri(lambda buf: feature_density(freq, dead, buf, dense=DENSE_FREQ))
     cap = (f"log10 firing frequency of the {features - dead} features that fired over {s.n_tokens:,} test tokens; "
            f"{dead} dead (never fired, not in the histogram), {dense} dense (> {DENSE_FREQ:g})")
-    return (f'<h2>Feature density</h2><figure><img src="{uri}" alt="{_e(cap)}">'
-            f"<figcaption>{_e(cap)}</figcaption></figure>")
+    return (f'<h2>Feature density</h2><figure><img src="{uri}" alt="{esc(cap)}">'
+            f"<figcaption>{esc(cap)}</figcaption></figure>")
 
 
 def context_html(tok, ids: list[int], acts: list[float], peak: int, scale: float) -> str:
@@ -290,7 +269,7 @@ def features_html(model, sae, tok, s: Scan, picked: list[int], wanted: int, cont
     parts = [f"<h2>Top features</h2><p class=\"sub\">The {len(picked)} most frequently firing features{short}, dead "
              f"and dense ones left out; each context is a test window cut to {BEFORE} tokens before and {AFTER} after the "
              f"feature's peak there, tokens shaded by the activation over the feature's largest. Token effects: "
-             f"{_e(note)}.</p>"]
+             f"{esc(note)}.</p>"]
     for f in picked:
         wins = top_windows(s.peak, f, contexts)
         for w in wins:
@@ -325,9 +304,9 @@ def render_page(sae_dir: str, features: int = 16, contexts: int = 8, tokens: int
             + features_html(model, sae, tok, s, picked, features, contexts, device))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(title)} · pico-llm</title><style>{CSS}</style></head>\n<body><main>"
-            f"<header><h1>{_e(title)}</h1><div class=\"sub\"><code>{_e(os.path.abspath(sae_dir))}</code> · run "
-            f"<code>{_e(os.path.abspath(run))}</code> · {time.strftime('%Y-%m-%d %H:%M')}</div></header>\n{body}\n"
+            f"<title>{esc(title)} · pico-llm</title><style>{CSS}</style></head>\n<body><main>"
+            f"<header><h1>{esc(title)}</h1><div class=\"sub\"><code>{esc(os.path.abspath(sae_dir))}</code> · run "
+            f"<code>{esc(os.path.abspath(run))}</code> · {time.strftime('%Y-%m-%d %H:%M')}</div></header>\n{body}\n"
             f"<footer>Generated by <code>pico-llm sae report</code>.</footer></main></body></html>\n")
 
 
@@ -338,13 +317,7 @@ def write_report(sae_dir: str, out: Optional[str] = None, features: int = 16, co
         if v < 1:
             raise PicoError(f"{flag} must be >= 1, got {v}")
     load_sae(sae_dir)  # a missing or damaged directory: one line, before anything else
-    if out is None:
-        out = os.path.join(sae_dir, REPORT)
-    elif os.path.isdir(out) or out.endswith(os.sep):
-        out = os.path.join(out, REPORT)
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise PicoError(f"--out {out}: directory {parent} does not exist")
+    out = output_file(out, sae_dir, REPORT)
     write_text(out, render_page(sae_dir, features, contexts, tokens, device))
     return out
 
@@ -352,10 +325,10 @@ def write_report(sae_dir: str, out: Optional[str] = None, features: int = 16, co
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("sae_dir", metavar="DIR", help="an SAE directory (what `pico-llm sae train` wrote)")
     p.add_argument("--out", default=None, help=f"the HTML file, or a directory for {REPORT} (default DIR/{REPORT})")
-    p.add_argument("--features", type=int, default=16, help="how many features get a section (default 16)")
-    p.add_argument("--contexts", type=int, default=8, help="top activating contexts per feature (default 8)")
+    p.add_argument("--features", type=int, default=16, help="how many features get a section")
+    p.add_argument("--contexts", type=int, default=8, help="top activating contexts per feature")
     p.add_argument("--tokens", type=int, default=65536,
-                   help="test tokens the firing frequencies and contexts are read over (default 65536)")
+                   help="test tokens the firing frequencies and contexts are read over")
     p.add_argument("--device_id", default="cpu", help=f"where the model runs: {DEVICE_CHOICES}")
 
 

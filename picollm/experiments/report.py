@@ -6,17 +6,17 @@ plots first, then a section per run."""
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 import os
 import time
-import unicodedata
 from typing import Callable, Optional
 
 from .. import checkpoint as ckpt
 from ..config import SampleConfig
 from ..errors import PicoError
+from ..fsio import output_file
+from ..pages import esc, png_data_uri, visible
 from ..plots import loss_panels, run_curves
 from ..sampling import generate_text, sample_settings
 from .compare import find_runs, run_labels, run_stats
@@ -65,29 +65,8 @@ footer { color: var(--muted); font-size: 12px; margin-top: 48px; }
 """
 
 
-def _e(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _visible(text: str) -> str:
-    """HTML for generated text: control characters and the like shown as escapes, not raw bytes."""
-    out = []
-    for ch in text:
-        if ch in "\n\t" or unicodedata.category(ch)[0] not in "CZ" or ch == " ":
-            out.append(_e(ch))
-        else:
-            out.append(f'<span class="esc">{_e(ch.encode("unicode_escape").decode())}</span>')
-    return "".join(out)
-
-
-def _png(draw: Callable[[io.BytesIO], None]) -> str:
-    buf = io.BytesIO()
-    draw(buf)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _figure(uri: str, caption: str) -> str:
-    return f'<figure><img src="{uri}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
+    return f'<figure><img src="{uri}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption></figure>'
 
 
 def _fmt(v, fmt: str = "{:.4f}") -> str:
@@ -105,7 +84,7 @@ def _fmt(v, fmt: str = "{:.4f}") -> str:
 def _table(head: list[str], rows: list[list], numeric: Optional[set] = None, best: Optional[dict] = None) -> str:
     """rows of already-formatted cells (HTML); numeric: column indices aligned right; best: {col: row}."""
     numeric, best = numeric or set(), best or {}
-    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    th = "".join(f"<th>{esc(h)}</th>" for h in head)
     body = []
     for i, r in enumerate(rows):
         cells = []
@@ -118,7 +97,7 @@ def _table(head: list[str], rows: list[list], numeric: Optional[set] = None, bes
 
 def _cards(items: list[tuple[str, str]]) -> str:
     return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}</div></div>' for k, v in items) + "</div>"
+        f'<div class="card"><div class="k">{esc(k)}</div><div class="v">{esc(v)}</div></div>' for k, v in items) + "</div>"
 
 
 # --------------------------------------------------------------------------- one run
@@ -139,9 +118,9 @@ def _samples_html(run: str, max_new_tokens: int, seed: int) -> str:
     if not ckpt.is_run(run):
         return '<p class="sub">No weights saved yet: no samples.</p>'
     prompt, rows = samples(run, max_new_tokens=max_new_tokens, seed=seed)
-    cells = [[_e(label), f'<span class="sample mono"><span class="prompt">{_visible(prompt)}</span>'
-              f"{_visible(text)}</span>"] for label, text in rows]
-    return (f'<p class="sub">Prompt <code>{_e(prompt)}</code>, {max_new_tokens} new tokens, seed {seed}; '
+    cells = [[esc(label), f'<span class="sample mono"><span class="prompt">{visible(prompt)}</span>'
+              f"{visible(text)}</span>"] for label, text in rows]
+    return (f'<p class="sub">Prompt <code>{esc(prompt)}</code>, {max_new_tokens} new tokens, seed {seed}; '
             "top-p keeps the most probable tokens whose probability reaches p, 1.0 is plain sampling.</p>"
             + _table(["setting", "prompt + completion"], cells))
 
@@ -149,7 +128,7 @@ def _samples_html(run: str, max_new_tokens: int, seed: int) -> str:
 def _config_html(run: str) -> str:
     parts = []
     for title, cfg in zip(("model", "data", "training"), ckpt.load_config(run)):
-        rows = [[f"<code>{_e(k)}</code>", _e(_fmt(v, "{:g}"))] for k, v in cfg.to_dict().items()]
+        rows = [[f"<code>{esc(k)}</code>", esc(_fmt(v, "{:g}"))] for k, v in cfg.to_dict().items()]
         parts.append(f"<div><h3>{title}</h3>{_table(['setting', 'value'], rows)}</div>")
     return '<div class="kv">' + "".join(parts) + "</div>"
 
@@ -167,7 +146,7 @@ def _run_body(run: str, max_new_tokens: int, seed: int, plots: bool = True) -> s
         cards += [("parameters", f"{summary.get('params', 0):,}"), ("steps", str(summary.get("steps"))),
                   ("tokens / s", _fmt(summary.get("tokens_per_s"), "{:,.0f}"))]
         parts.append(_cards(cards))
-        rows = [[f"<code>{_e(k)}</code>", _e(_fmt(v))] for k, v in summary.items()]
+        rows = [[f"<code>{esc(k)}</code>", esc(_fmt(v))] for k, v in summary.items()]
         parts.append("<h3>summary.json</h3>" + _table(["metric", "value"], rows))
     else:
         parts.append('<p class="flag">Training has not finished (no summary.json); figures so far.</p>')
@@ -181,7 +160,7 @@ def _run_body(run: str, max_new_tokens: int, seed: int, plots: bool = True) -> s
         parts.append(f"<p>Best test loss <b>{_fmt(st['best_test_loss'])}</b> at step <b>{st['best_step']}</b> "
                      f"(the early-stopping point) of {st['steps']}; {gap}. {verdict}.</p>")
     if plots and records:
-        uri = _png(lambda f: run_curves(records, f, title=f"{os.path.basename(os.path.normpath(run))}: loss"))
+        uri = png_data_uri(lambda f: run_curves(records, f, title=f"{os.path.basename(os.path.normpath(run))}: loss"))
         parts.append(_figure(uri, "train loss per step and test loss per evaluation, the gap between them shaded; "
                                   "★ the best evaluation (the early-stopping point)"))
     parts.append("<h3>samples</h3>" + _samples_html(run, max_new_tokens, seed))
@@ -212,9 +191,9 @@ def _collection_body(root: str, max_new_tokens: int, seed: int, log: Callable[[s
     if meta:
         title = f"Sweep {meta['name']}"
         if meta.get("description"):
-            parts.append(f"<p>{_e(meta['description'])}</p>")
-        base = ", ".join(f"<code>{_e(k)}={_e(v)}</code>" for k, v in meta["base"].items())
-        parts.append(f'<p class="sub">Swept: {", ".join(f"<code>{_e(k)}</code>" for k in meta["swept"])}. '
+            parts.append(f"<p>{esc(meta['description'])}</p>")
+        base = ", ".join(f"<code>{esc(k)}={esc(v)}</code>" for k, v in meta["base"].items())
+        parts.append(f'<p class="sub">Swept: {", ".join(f"<code>{esc(k)}</code>" for k in meta["swept"])}. '
                      f"Every point: {base or 'the train defaults'}.</p>")
         rows = results(root, meta)
         if rows:
@@ -225,7 +204,7 @@ def _collection_body(root: str, max_new_tokens: int, seed: int, log: Callable[[s
                 i = _best_row(rows, c, pick) if c in cols else None
                 if i is not None:
                     best[cols.index(c)] = i
-            cells = [[_e(_cell(c, r.get(c))) for c in cols] for r in rows]
+            cells = [[esc(_cell(c, r.get(c))) for c in cols] for r in rows]
             parts.append("<h2>Results</h2>" + _table([c.replace("_", " ") for c in cols], cells,
                                                      numeric=set(range(len(meta["swept"]), len(cols))), best=best))
             loss_buf, metric_buf = io.BytesIO(), io.BytesIO()
@@ -240,21 +219,21 @@ def _collection_body(root: str, max_new_tokens: int, seed: int, log: Callable[[s
         title = f"Runs in {os.path.basename(os.path.normpath(root))}"
         parts.append("<h2>Results</h2>")
         records = {lb: ckpt.read_metrics(r) for lb, r in zip(labels, runs)}
-        uri = _png(lambda f: loss_panels(records, f, title="train and test loss"))
+        uri = png_data_uri(lambda f: loss_panels(records, f, title="train and test loss"))
         parts.append(_figure(uri, "train loss (running mean) and test loss per evaluation; ★ best"))
     stats = [run_stats(ckpt.read_metrics(r)) for r in runs]
     rows = []
     for lb, st in zip(labels, stats):
         o = st["overfitting"]
-        rows.append([_e(lb), _e(_fmt(st["test_loss"])), _e(_fmt(st["best_test_loss"])), _e(_fmt(st["best_step"])),
-                     _e(_fmt(st["gap"], "{:+.4f}")),
+        rows.append([esc(lb), esc(_fmt(st["test_loss"])), esc(_fmt(st["best_test_loss"])), esc(_fmt(st["best_step"])),
+                     esc(_fmt(st["gap"], "{:+.4f}")),
                      f'<span class="flag">yes, steps {o["from_step"]}-{o["to_step"]}</span>' if o else "no"])
     parts.append("<h3>early stopping and overfitting</h3>" + _table(
         ["run", "final test loss", "best test loss", "best step", "gap (test - train)", "overfitting"], rows,
         numeric={1, 2, 3, 4}))
-    parts.append("<h2>Runs</h2>" + "".join(f'<p class="sub">{_e(n)}</p>' for n in notes))
+    parts.append("<h2>Runs</h2>" + "".join(f'<p class="sub">{esc(n)}</p>' for n in notes))
     for lb, r in zip(labels, runs):
-        parts.append(f"<details><summary>{_e(lb)}</summary>{_run_body(r, max_new_tokens, seed)}</details>")
+        parts.append(f"<details><summary>{esc(lb)}</summary>{_run_body(r, max_new_tokens, seed)}</details>")
     return title, "\n".join(parts)
 
 
@@ -272,8 +251,8 @@ def render_report(path: str, max_new_tokens: int = 40, seed: int = 0, log: Calla
     when = time.strftime("%Y-%m-%d %H:%M")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(title)} · pico-llm</title><style>{CSS}</style></head>\n<body><main>"
-            f'<header><h1>{_e(title)}</h1><div class="sub"><code>{_e(os.path.abspath(path))}</code> · '
+            f"<title>{esc(title)} · pico-llm</title><style>{CSS}</style></head>\n<body><main>"
+            f'<header><h1>{esc(title)}</h1><div class="sub"><code>{esc(os.path.abspath(path))}</code> · '
             f"pico-llm report · {when}</div></header>\n{body}\n"
             f"<footer>Losses in nats per token on held-out documents; bits per byte compare across tokenizers. "
             f"Generated by <code>pico-llm report</code>.</footer></main></body></html>\n")
@@ -284,13 +263,7 @@ def write_report(path: str, out: Optional[str] = None, max_new_tokens: int = 40,
     """Writes the report (default PATH/report.html; OUT may be a file or a directory); returns its path."""
     if not os.path.exists(path):
         raise PicoError(f"{path} does not exist")
-    if out is None:
-        out = os.path.join(path, REPORT)
-    elif os.path.isdir(out) or out.endswith(os.sep):
-        out = os.path.join(out, REPORT)
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise PicoError(f"--out {out}: directory {parent} does not exist")
+    out = output_file(out, path, REPORT)
     if max_new_tokens < 1:
         raise PicoError("--max_new_tokens must be >= 1")
     page = render_report(path, max_new_tokens, seed, log)
