@@ -206,6 +206,15 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve.app import serve  # FastAPI and uvicorn load only for this command
+    from .serve.protocol import load_chat_template
+
+    return serve(a.runs, a.host, a.port, device_id=a.device_id, precision=a.precision, decoder=a.decoder,
+                 max_active=a.max_active, max_tokens_limit=a.max_tokens_limit,
+                 chat_template=load_chat_template(a.chat_template), log=lambda m: print(m, flush=True))
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     res = run_bench(quick=a.quick, device=resolve_device(a.device_id), precision=a.precision, compile=a.compile,
                     log=lambda m: print(m, file=sys.stderr))
@@ -336,6 +345,23 @@ def export_args(x: argparse.ArgumentParser) -> None:
     x.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
 
 
+def serve_args(sv: argparse.ArgumentParser) -> None:
+    sv.add_argument("runs", nargs="+", metavar="RUN", help="run directories (a folder of runs: every run inside); "
+                    "requests name each by its folder name")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    sv.add_argument("--max_active", type=int, default=8,
+                    help="requests decoded at once, a token each in turn; the rest wait in arrival order")
+    sv.add_argument("--max_tokens_limit", type=int, default=1024, help="the largest max_tokens a request may ask")
+    sv.add_argument("--chat_template", default=None, metavar="FILE.json",
+                    help="the chat layout: a JSON object with system/user/assistant/generation/stop "
+                         "(default: 'User: ...' / 'Assistant: ...' lines; see picollm/serve/protocol.py)")
+    sv.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="weights for sampling, as generate's")
+    sv.add_argument("--decoder", choices=["auto", "fused", "torch"], default="auto", help="as generate's")
+    add_device_arg(sv)
+
+
 def bench_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--quick", action="store_true", help="fewer repeats and smaller inputs (a minute or two)")
     b.add_argument("--json", default=None, help="also write the results here")
@@ -398,6 +424,8 @@ COMMANDS: tuple[Command, ...] = (
     ("data", "prepare data once (data prepare), see what is cached (data info), write a built-in corpus",
      data_args, cmd_data),
     ("export", "write a Transformer run as a Hugging Face transformers model", export_args, cmd_export),
+    ("serve", "an OpenAI-compatible HTTP server (completions, chat, streaming) with a playground page at /",
+     serve_args, cmd_serve),
     ("bench", "speed: training tokens/s and MFU, generation, k-gram, tokenizer", bench_args, cmd_bench),
     ("sweep", "train one run per point of a grid / list over train flags (TOML spec)", sweep_args, cmd_sweep),
     ("compare", "overlaid loss curves and a table of runs; early-stopping and overfitting", compare_args, cmd_compare),

@@ -7,7 +7,7 @@ probability sums to at least p (the token that crosses p is kept, at least one t
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -114,52 +114,79 @@ def decoder_for(model, decoder: str = "auto", batch_size: int = 1):
     return model
 
 
-@torch.no_grad()
-def generate(model, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int] = None,
-             decoder: str = "auto") -> torch.Tensor:
-    """idx (B, T) prompt ids -> (B, T + n) with n <= cfg.max_new_tokens new tokens.
+def decode_steps(model, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int] = None,
+                 decoder: str = "auto") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The decode loop, one new position at a time: yields (tokens (B,), logits (B, V)) for each, the
+    logits those tokens were drawn from (before temperature, top-k or top-p). generate() and the server
+    (picollm/serve) both consume it, so a seed gives the same tokens through either.
 
     The model carries state (KV cache, LSTM (h, c), k-gram history), so the prefix is fed once. When a
     model has a bounded context (max_context) and the state is full, the window slides: the state is
     rebuilt from the last max_context // 2 tokens, so generation may run past block_size.
-    With cfg.stop_at_eot, generation stops once every row has produced eot (later tokens are eot).
+    With cfg.stop_at_eot it stops once every row has produced eot (a finished row's later tokens are eot).
     decoder: see decoder_for (by default a Transformer on a CPU decodes through the fused C step).
+    Closing the iterator early (a consumer that stops) frees the state; the model's train/eval mode is
+    restored when it ends either way.
     """
     stepper = decoder_for(model, decoder, idx.size(0))
     was_training = model.training
     model.eval()
+    try:
+        with torch.no_grad():
+            yield from _decode(stepper, idx, cfg, eot_id)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _decode(stepper, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int]):
     device = idx.device
     gen = None
     if cfg.seed is not None:
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
     max_ctx = getattr(stepper, "max_context", None)
-    tokens = torch.empty(idx.size(0), idx.size(1) + cfg.max_new_tokens, dtype=torch.long, device=device)
-    tokens[:, : idx.size(1)] = idx
-    n = idx.size(1)
     prefix = idx if max_ctx is None else idx[:, -max_ctx:]
+    history = None  # prefix and new tokens, which a sliding window is rebuilt from
+    if max_ctx is not None:
+        history = torch.empty(idx.size(0), prefix.size(1) + cfg.max_new_tokens, dtype=torch.long, device=device)
+        history[:, : prefix.size(1)] = prefix
+    n = prefix.size(1)
     state = stepper.new_state(idx.size(0), device)
     logits, state = stepper.step(prefix, state)
-    held = prefix.size(1)  # tokens in the state
+    held = n  # tokens in the state
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=device)
     for i in range(cfg.max_new_tokens):
-        nxt = sample_next(logits[:, -1, :], cfg, gen)
+        last = logits[:, -1, :]
+        nxt = sample_next(last, cfg, gen)
         if cfg.stop_at_eot and eot_id is not None:
             nxt = nxt.masked_fill(done, eot_id)
             done |= nxt == eot_id
-        tokens[:, n] = nxt
-        n += 1
+        yield nxt, last
         if i == cfg.max_new_tokens - 1 or (cfg.stop_at_eot and bool(done.all())):
-            break
+            return
+        if history is not None:
+            history[:, n] = nxt
+        n += 1
         if max_ctx is not None and held + 1 > max_ctx:
             keep = max(1, max_ctx // 2)
             state = stepper.new_state(idx.size(0), device)
-            logits, state = stepper.step(tokens[:, n - keep: n], state)
+            logits, state = stepper.step(history[:, n - keep: n], state)
             held = keep
         else:
             logits, state = stepper.step(nxt[:, None], state)
             held += 1
-    if was_training:
-        model.train()
+
+
+@torch.no_grad()
+def generate(model, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int] = None,
+             decoder: str = "auto") -> torch.Tensor:
+    """idx (B, T) prompt ids -> (B, T + n) with n <= cfg.max_new_tokens new tokens: decode_steps, collected."""
+    tokens = torch.empty(idx.size(0), idx.size(1) + cfg.max_new_tokens, dtype=torch.long, device=idx.device)
+    tokens[:, : idx.size(1)] = idx
+    n = idx.size(1)
+    for nxt, _ in decode_steps(model, idx, cfg, eot_id, decoder):
+        tokens[:, n] = nxt
+        n += 1
     return tokens[:, :n]
 
 

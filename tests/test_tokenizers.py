@@ -386,3 +386,25 @@ def test_gpt2_encode_documents_keeps_a_literal_end_of_text_as_text(gpt2_dir):
     got = tok.encode_documents(texts)
     assert _same(got, _per_text(tok, texts))
     assert got[0].tolist().count(tok.eot_id) == 3  # only the three separators
+
+
+def test_token_bytes_join_to_the_decoded_text(mixed, gpt2_dir, monkeypatch):
+    """token_bytes (what the server streams token by token) joins to decode()'s text for every tokenizer,
+    including characters split across tokens."""
+    monkeypatch.setenv("PICOLLM_GPT2_DIR", str(gpt2_dir))
+    for tok in (build_tokenizer("bpe", mixed[::2], vocab_size=800), build_tokenizer("byte"), build_tokenizer("gpt2")):
+        for text in TRICKY + mixed[:20]:
+            ids = tok.encode(text)
+            assert b"".join(tok.token_bytes(i) for i in ids).decode("utf-8", "replace") == tok.decode(ids), tok.name
+        assert tok.token_bytes(tok.eot_id) == EOT.encode()
+    bpe = build_tokenizer("bpe", mixed[::2], vocab_size=800)
+    split = [i for i in range(bpe.vocab_size) if not _utf8_whole(bpe.token_bytes(i))]
+    assert split  # byte-level tokens that hold part of a character exist, and are not decodable alone
+
+
+def _utf8_whole(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False

@@ -95,6 +95,11 @@ class Tokenizer(ABC):
         """Ids (list, array or tensor) -> text; the end-of-text id reads "<|endoftext|>"."""
 
     @abstractmethod
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id stands for (end-of-text: b"<|endoftext|>"). A token may hold part of a UTF-8
+        character: decoding a stream token by token joins these bytes (what the server streams)."""
+
+    @abstractmethod
     def to_json(self) -> str:
         """The content of a run's tokenizer.json."""
 
@@ -135,6 +140,13 @@ class ByteTokenizer(Tokenizer):
                 raise ValueError(f"byte tokenizer: id {i} out of range 0..{self.vocab_size - 1}")
         return "".join(parts) + run.decode("utf-8", errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id == self.eot_id:
+            return EOT.encode()
+        if not 0 <= token_id < 256:
+            raise ValueError(f"byte tokenizer: id {token_id} out of range 0..{self.vocab_size - 1}")
+        return bytes([token_id])
+
     def to_json(self) -> str:
         return json.dumps({"type": "byte"})
 
@@ -157,6 +169,7 @@ class BPETokenizer(Tokenizer):
         self._fast_checked = False
         self.encoder = "hf"  # which encoder encode_documents uses: "hf" or "tiktoken"
         self.encoder_why = "not used yet"
+        self._bytes: Optional[list[bytes]] = None  # token_bytes' table
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
@@ -193,6 +206,15 @@ class BPETokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         return self.hf.decode(_ids(ids), skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if self._bytes is None:  # the byte-level vocabulary read back to bytes, once
+            chars = byte_alphabet()
+            specials = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+            self._bytes = [b""] * self.vocab_size
+            for text, i in self.hf.get_vocab(with_added_tokens=True).items():
+                self._bytes[i] = text.encode() if text in specials else bytes(chars[c] for c in text)
+        return self._bytes[token_id]
 
     def to_json(self) -> str:
         return self.hf.to_str()
@@ -380,6 +402,9 @@ class GPT2Tokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         return self.enc.decode(_ids(ids), errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.enc.decode_single_token_bytes(token_id)
 
     def to_json(self) -> str:
         return json.dumps({"type": "gpt2", **({"local_dir": self.local_dir} if self.local_dir else {})})

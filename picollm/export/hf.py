@@ -26,10 +26,10 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import load_config, load_run
-from .config import EOT, ModelConfig
-from .errors import PicoError
-from .models.transformer import swiglu_hidden
+from ..checkpoint import load_config, load_run
+from ..config import EOT, ModelConfig
+from ..errors import PicoError
+from ..models.transformer import swiglu_hidden
 
 LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
 

@@ -1,0 +1,354 @@
+"""`pico-llm serve` with real parts: the server runs as its own process on 127.0.0.1 (uvicorn), and the
+official `openai` client talks to it. Sampling must equal `picollm.generate`'s for the same seed."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+import picollm
+from picollm.cli import main
+from picollm.config import SampleConfig
+from picollm.sampling import generate
+from picollm.serve.protocol import DEFAULT_CHAT_TEMPLATE
+
+openai = pytest.importorskip("openai")
+
+WORDS = "the a cat dog bird sat ran saw on under near mat tree house big small red green and then".split()
+
+
+def _text(rng: random.Random, n: int) -> str:
+    """One long document: the model rarely sees end-of-text, so long generations stay long."""
+    return " ".join(rng.choice(WORDS) for _ in range(n)) + "."
+
+
+def start_server(run: str, *extra: str, timeout: float = 120.0):
+    """(process, base url) of `pico-llm serve RUN --port 0`, once it prints where it listens."""
+    proc = subprocess.Popen([sys.executable, "-m", "picollm", "serve", run, "--port", "0", "--precision", "fp32",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    seen = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if "listening on http://" in line:
+            url = line.split("listening on ")[1].split()[0]
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            return proc, url
+    proc.kill()
+    raise AssertionError("the server did not start:\n" + "".join(seen))
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def post(url: str, body, raw: bool = False) -> tuple[int, dict]:
+    data = body if raw else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    rng = random.Random(0)
+    files = []
+    for i in range(40):
+        (tmp / f"doc{i}.txt").write_text(_text(rng, 400))
+        files.append(str(tmp / f"doc{i}.txt"))
+    assert main(["train", "--input_files", *files, "--input_mode", "documents", "--test_fraction", "0.2",
+                 "--models", "transformer", "--n_blocks", "2", "--embed_size", "48", "--n_heads", "4",
+                 "--block_size", "48", "--vocab_size", "300", "--epochs", "12", "--max_steps_per_epoch", "15",
+                 "--output_dir", str(tmp), "--run_name", "srv", "--precision", "fp32", "--max_new_tokens", "4",
+                 "--prompt", "the cat"]) == 0
+    return str(tmp / "srv")
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    proc, url = start_server(run_dir, "--max_active", "2", "--max_tokens_limit", "2000")
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+    model, tok, _ = picollm.load(run_dir)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def ours(loaded, prompt: str, n: int = 1, **kw) -> list[str]:
+    """picollm's own sampling of the completion (prompt left out), ending at end-of-text."""
+    model, tok = loaded
+    ids = tok.encode(prompt)
+    cfg = SampleConfig(stop_at_eot=True, **kw)
+    out = generate(model, torch.tensor([ids] * n), cfg, eot_id=tok.eot_id)
+    texts = []
+    for row in out[:, len(ids):].tolist():
+        if tok.eot_id in row:
+            row = row[: row.index(tok.eot_id)]
+        texts.append(tok.decode(row))
+    return texts
+
+
+def test_completion_equals_generate(client, loaded):
+    r = client.completions.create(model="srv", prompt="the cat sat", max_tokens=20, seed=7, temperature=0.9,
+                                  top_p=0.9)
+    assert r.choices[0].text == ours(loaded, "the cat sat", max_new_tokens=20, seed=7, temperature=0.9, top_p=0.9)[0]
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens == len(loaded[1].encode("the cat sat"))
+    assert r.usage.completion_tokens >= 1 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    greedy = client.completions.create(model="srv", prompt="the dog", max_tokens=12, temperature=0)
+    assert greedy.choices[0].text == ours(loaded, "the dog", max_new_tokens=12, greedy=True)[0]
+
+
+def test_n_choices_are_generates_rows(client, loaded):
+    r = client.completions.create(model="srv", prompt="a bird", max_tokens=10, seed=3, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == ours(loaded, "a bird", n=3, max_new_tokens=10, seed=3)
+    assert len({c.text for c in r.choices}) > 1  # the rows are sampled apart
+
+
+def test_stream_equals_plain(client):
+    kw = dict(model="srv", prompt="the tree", max_tokens=30, seed=11, extra_body={"top_k": 20})  # top_k: an extension
+    plain = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == plain.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert len([c for c in chunks if c.choices]) > 3  # streamed token by token, not in one piece
+
+
+def test_chat_plain_and_streamed(client, server):
+    msgs = [{"role": "system", "content": "the story"}, {"role": "user", "content": "the cat"}]
+    r = client.chat.completions.create(model="srv", messages=msgs, max_tokens=25, seed=5)
+    t = DEFAULT_CHAT_TEMPLATE
+    prompt = t["system"].replace("{content}", "the story") + t["user"].replace("{content}", "the cat") + t["generation"]
+    status, same = post(server + "/v1/completions", {"prompt": prompt, "max_tokens": 25, "seed": 5, "stop": t["stop"]})
+    assert status == 200
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == same["choices"][0]["text"]
+    assert r.usage.prompt_tokens == same["usage"]["prompt_tokens"]
+    chunks = list(client.chat.completions.create(model="srv", messages=msgs, max_tokens=25, seed=5, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+
+
+def test_logprobs(client, loaded, server):
+    model, tok = loaded
+    r = client.completions.create(model="srv", prompt="the cat", max_tokens=5, seed=1, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) >= 1
+    ids = tok.encode("the cat")
+    with torch.no_grad():
+        first = torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), -1)
+    top = first.topk(3)
+    want = {tok.token_bytes(i).decode("utf-8", "replace"): v for i, v in zip(top.indices.tolist(), top.values.tolist())}
+    assert lp.top_logprobs[0] == pytest.approx(want, abs=1e-4)
+    assert all(len(alts) == 3 for alts in lp.top_logprobs)  # the trained model's alternatives read apart
+    assert lp.token_logprobs[0] == pytest.approx(first[tok.encode(lp.tokens[0])[0]].item(), abs=1e-4)
+    assert "".join(lp.tokens) == r.choices[0].text
+    c = client.chat.completions.create(model="srv", messages=[{"role": "user", "content": "a dog"}], max_tokens=4,
+                                       logprobs=True, top_logprobs=2, seed=2)
+    content = c.choices[0].logprobs.content
+    assert content and all(len(e.top_logprobs) == 2 and e.bytes == list(e.token.encode()) for e in content)
+
+
+def test_stop_strings_and_echo(server):
+    base = {"prompt": "the cat", "max_tokens": 60, "seed": 4}
+    _, full = post(server + "/v1/completions", base)
+    text = full["choices"][0]["text"]
+    words = text.split(" ")
+    assert len(words) > 4
+    stop = " " + words[3][:2]  # ends part-way into a token: found across token boundaries
+    _, cut = post(server + "/v1/completions", {**base, "stop": [stop, "zzz-never"]})
+    assert cut["choices"][0]["text"] == text[: text.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    streamed = _sse(server, {**base, "stop": [stop], "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in streamed if c.get("choices")) == cut["choices"][0]["text"]
+    _, echoed = post(server + "/v1/completions", {**base, "echo": True})
+    assert echoed["choices"][0]["text"] == "the cat" + text
+
+
+def _sse(server: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(server + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        for line in r:
+            line = line.decode().strip()
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_concurrent_requests_interleave_without_changing_draws(server, loaded):
+    """Six streams at once on two slots: every one completes, each with the tokens it gets alone."""
+    bodies = [{"prompt": p, "max_tokens": 40, "seed": i, "stream": True}
+              for i, p in enumerate(["the cat", "a dog", "the bird", "a tree", "the house", "a mat"])]
+    results: dict[int, str] = {}
+
+    def one(i):
+        results[i] = "".join(c["choices"][0]["text"] for c in _sse(server, bodies[i]) if c.get("choices"))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(results) == list(range(len(bodies)))
+    for i, b in enumerate(bodies):
+        assert results[i] == ours(loaded, b["prompt"], max_new_tokens=40, seed=i)[0]
+
+
+def test_disconnect_frees_the_slot(run_dir):
+    proc, url = start_server(run_dir, "--max_active", "1", "--max_tokens_limit", "2000")
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "the cat", "max_tokens": 2000, "stream": True}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.readline().startswith(b"data: ")  # it is streaming
+        assert get(url + "/health")[1]["active"] == 1
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        deadline = time.time() + 60  # a hang guard, not a speed requirement
+        while time.time() < deadline:
+            health = get(url + "/health")[1]
+            if health["cancelled"] >= 1 and health["active"] == 0:
+                break
+            time.sleep(0.2)
+        assert health["cancelled"] == 1 and health["active"] == 0, health
+        assert health["tokens"] < 2000  # stopped early
+        status, r = post(url + "/v1/completions", {"prompt": "a dog", "max_tokens": 5})  # the one slot is free
+        assert status == 200 and r["usage"]["completion_tokens"] >= 1
+    finally:
+        stop_server(proc)
+
+
+BAD = [  # (body, status, param or None, words in the message)
+    (b"{not json", 400, None, "not valid JSON"),
+    (b'{"prompt": "a", "temperature": NaN}', 400, None, "NaN"),
+    (b"[1, 2]", 400, None, "JSON object"),
+    ({"prompt": "a", "max_tokens": "ten"}, 400, "max_tokens", "valid integer"),
+    ({"prompt": "a", "stream": "yes"}, 400, "stream", "valid boolean"),
+    ({"prompt": "a", "temperature": "hot"}, 400, "temperature", "valid number"),
+    ({"prompt": 5}, 400, "prompt", ""),
+    ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens", ">= 1"),
+    ({"prompt": "a", "max_tokens": 2001}, 400, "max_tokens", "limit of 2000"),
+    ({"prompt": "a", "top_p": 0}, 400, "top_p", "(0, 1]"),
+    ({"prompt": "a", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
+    ({"prompt": "a", "temperature": -0.5}, 400, "temperature", ">= 0"),
+    ({"prompt": "a", "top_k": -3}, 400, "top_k", ">= 1"),
+    ({"prompt": "a", "n": 0}, 400, "n", "1..16"),
+    ({"prompt": "a", "logprobs": 6}, 400, "logprobs", "0..5"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ({"prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
+    ({"prompt": "a", "logit_bias": {"1": 2}}, 400, "logit_bias", "not supported"),
+    ({"prompt": "a", "best_of": 3}, 400, "best_of", "not supported"),
+    ({"prompt": "a", "frobnicate": 1}, 400, "frobnicate", "unknown field"),
+    ({"max_tokens": 3}, 400, "prompt", "missing"),
+    ({"prompt": "a " * 200}, 400, "prompt", "longer than the model's context"),
+    ({"prompt": [1, 2, 10 ** 6]}, 400, "prompt", "outside the vocabulary"),
+    ({"prompt": []}, 400, "prompt", "empty"),
+    ({"prompt": "a", "model": "no-such-model"}, 404, "model", "does not exist"),
+    ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream: true"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,words", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_requests(server, body, status, param, words):
+    got, r = post(server + "/v1/completions", body, raw=isinstance(body, bytes))
+    assert got == status, r
+    err = r["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert words in err["message"] and err["param"] == param
+    assert err["type"] == "invalid_request_error"
+    status, health = get(server + "/health")  # the server still answers
+    assert status == 200 and health["status"] == "ok"
+
+
+def test_bad_chat_requests_and_paths(server):
+    for body, param in (({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+                        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+                        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "max_completion_tokens": 3},
+                         "max_completion_tokens")):
+        status, r = post(server + "/v1/chat/completions", body)
+        assert status == 400 and r["error"]["param"] == param, r
+    assert get(server + "/v1/nothing")[0] == 404
+    assert get(server + "/v1/models/nope")[0] == 404
+    status, r = get(server + "/v1/completions")
+    assert status == 405 and "error" in r
+    # after all of that the server still answers
+    status, r = post(server + "/v1/completions", {"prompt": "the", "max_tokens": 3})
+    assert status == 200 and r["choices"][0]["text"]
+
+
+def test_truncation_and_models(server, run_dir, loaded):
+    long = "the cat " * 100
+    status, r = post(server + "/v1/completions", {"prompt": long, "max_tokens": 3, "truncate_prompt_tokens": 40})
+    assert status == 200 and r["usage"]["prompt_tokens"] == 40
+    assert post(server + "/v1/completions", {"prompt": "a", "truncate_prompt_tokens": 49})[0] == 400  # past 48
+    _, models = get(server + "/v1/models")
+    assert [m["id"] for m in models["data"]] == ["srv"] and models["data"][0]["context_length"] == 48
+    _, info = get(server + "/pico/info")
+    assert info["models"][0]["summary"]["test_loss"] > 0 and info["models"][0]["prompt"] == "the cat"
+    # no model named: the one served model
+    status, r = post(server + "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2, "temperature": 0})
+    assert status == 200 and r["model"] == "srv"
+
+
+def test_serve_command_line_errors(tmp_path, run_dir, capsys):
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path)]) == 2
+    assert "no run there" in capsys.readouterr().err
+    (tmp_path / "t.json").write_text('{"user": "no placeholder"}')
+    assert main(["serve", run_dir, "--chat_template", str(tmp_path / "t.json")]) == 2
+    assert "{content}" in capsys.readouterr().err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        assert main(["serve", run_dir, "--port", str(s.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "in use" in err and err.count("\n") == 1
