@@ -23,14 +23,15 @@ demo: venv
 	@echo
 	@echo "run directory: runs/demo   (loss plot: runs/demo/loss.png, samples: runs/demo/samples.md)"
 
-# Headless Chromium for the HTML report's browser test (Debian's package): installed once, skipped when
-# present; where it cannot be installed, that test is skipped with the reason.
+# Headless Chromium for the browser tests (Debian's packages): chromium renders the HTML reports,
+# chromium-driver lets Selenium drive the serve playground. Installed once, skipped when present; where
+# they cannot be installed, those tests are skipped with the reason.
 chromium:
-	@test -x /usr/bin/chromium || { \
+	@{ test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; } || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
-	  echo "installing chromium (for the report test)"; \
-	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	} || echo "note: chromium could not be installed; the report's browser test will be skipped"
+	  echo "installing chromium and chromium-driver (for the browser tests)"; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	} || echo "note: chromium could not be installed; the browser tests will be skipped"
 
 lint: venv
 	$(VENV)/bin/ruff check picollm tests bench pico-llm.py
