@@ -184,6 +184,7 @@ def test_logprobs(client, loaded, server):
     assert all(len(alts) == 3 for alts in lp.top_logprobs)  # the trained model's alternatives read apart
     assert lp.token_logprobs[0] == pytest.approx(first[tok.encode(lp.tokens[0])[0]].item(), abs=1e-4)
     assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
     c = client.chat.completions.create(model="srv", messages=[{"role": "user", "content": "a dog"}], max_tokens=4,
                                        logprobs=True, top_logprobs=2, seed=2)
     content = c.choices[0].logprobs.content

@@ -17,6 +17,8 @@ tokens `pico-llm generate --seed` gives. `stream: true` answers with server-sent
 from __future__ import annotations
 
 import asyncio
+import errno
+import itertools
 import json
 import os
 import socket
@@ -70,9 +72,9 @@ def load_models(paths: list[str], device: str = "cpu", precision: str = "auto",
     if len(set(names)) < len(names):
         raise PicoError(f"two runs would be served under one name ({', '.join(names)}); serve them separately")
     served = []
+    dtype = resolve_precision(precision, device)
     for d, name in zip(dirs, names):
         model, tok, configs = load_run(d, device)
-        dtype = resolve_precision(precision, device)
         if dtype is not None:  # as `pico-llm generate --precision`
             model = model.to(dtype)
         try:
@@ -85,37 +87,159 @@ def load_models(paths: list[str], device: str = "cpu", precision: str = "auto",
     return served
 
 
-def _json_response(obj, status: int = 200):
-    return JSONResponse(obj, status_code=status)
-
-
-def create_app(models: list[ServedModel], engine: Engine, chat_template: dict, max_tokens_limit: int = 1024):
-    """The ASGI app (FastAPI)."""
-    by_id = {m.id: m for m in models}
-    app = FastAPI(title="pico-llm", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error answers with OpenAI's JSON body."""
 
     @app.exception_handler(ApiError)
     async def api_error(_request, e: ApiError):
-        return _json_response(e.body(), e.status)
+        return JSONResponse(e.body(), e.status)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         message = {404: "no such path", 405: "method not allowed"}.get(e.status_code, str(e.detail))
-        return _json_response(ApiError(e.status_code, message, kind=kind).body(), e.status_code)
+        return JSONResponse(ApiError(e.status_code, message, kind=kind).body(), e.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, e: RequestValidationError):
-        return _json_response(ApiError(400, str(e)).body(), 400)
+        return JSONResponse(ApiError(400, str(e)).body(), 400)
 
     @app.exception_handler(Exception)
     async def server_error(_request, e: Exception):
-        return _json_response(ApiError(500, f"{type(e).__name__}: {e}", kind="server_error").body(), 500)
+        return JSONResponse(ApiError(500, f"{type(e).__name__}: {e}", kind="server_error").body(), 500)
 
-    def model_card(m: ServedModel) -> dict:
-        return {"id": m.id, "object": "model", "created": m.created, "owned_by": "pico-llm",
-                "context_length": m.max_context}
+
+def model_card(m: ServedModel) -> dict:
+    return {"id": m.id, "object": "model", "created": m.created, "owned_by": "pico-llm",
+            "context_length": m.max_context}
+
+
+def prompt_ids(m: ServedModel, prompt, truncate: Optional[int]) -> list[list[int]]:
+    tok, ctx = m.tokenizer, m.max_context
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt is empty", param="prompt")
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            ids = tok.encode(p) if p else [tok.eot_id]  # "": sample from end-of-text, as generate does
+        else:
+            if not p:
+                raise ApiError(400, "a prompt of token ids is empty", param="prompt")
+            bad = next((i for i in p if not 0 <= i < tok.vocab_size), None)
+            if bad is not None:
+                raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{tok.vocab_size - 1})",
+                               param="prompt")
+            ids = list(p)
+        if truncate is not None:
+            if ctx is not None and truncate > ctx:
+                raise ApiError(400, f"truncate_prompt_tokens {truncate} is past the context of {ctx} tokens",
+                               param="truncate_prompt_tokens")
+            ids = ids[-truncate:]
+        if ctx is not None and len(ids) > ctx:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens, longer than the model's context of {ctx} "
+                                "(shorten it, or ask for truncate_prompt_tokens)",
+                           param="prompt", code="context_length_exceeded")
+        out.append(ids)
+    return out
+
+
+def sample_config(req, max_tokens: int) -> SampleConfig:
+    top_k = None if req.top_k in (None, 0, -1) else req.top_k
+    return SampleConfig(max_new_tokens=max_tokens, temperature=req.temperature, top_k=top_k,
+                        top_p=None if req.top_p >= 1.0 else req.top_p, greedy=req.temperature == 0,
+                        stop_at_eot=True, seed=req.seed)
+
+
+async def run_job(engine: Engine, request: Request, m: ServedModel, prompts, cfg: SampleConfig, n: int, stops, logprobs,
+                  render, chat: bool, echo_texts: Optional[list[str]] = None):
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job = Job(m, prompts, cfg, n, stops, logprobs,
+              emit=lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)))
+    if not engine.submit(job):
+        raise ApiError(429, "the server's queue is full; retry later", kind="rate_limit_error")
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    head = {"id": rid, "created": created, "model": m.id}
+    if render.stream:
+        return StreamingResponse(stream(request, job, events, head, render, echo_texts),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await collect(request, job, events, head, render, echo_texts)
+
+
+async def next_event(request: Request, job: Job, events: asyncio.Queue):
+    while True:  # wake now and then to notice a client that went away
+        try:
+            return await asyncio.wait_for(events.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancel()
+                return ("gone", None)
+
+
+async def collect(request, job, events, head, render, echo_texts):
+    texts = [echo_texts[i // job.n] if echo_texts else "" for i in range(len(job.choices))]
+    tokens: list[list[dict]] = [[] for _ in job.choices]
+    finish: list[Optional[str]] = [None] * len(job.choices)
+    while True:
+        kind, payload = await next_event(request, job, events)
+        if kind == "tokens":
+            for ev in payload:
+                texts[ev.index] += ev.text
+                if ev.token is not None:
+                    tokens[ev.index].append(ev.token)
+                finish[ev.index] = ev.finish or finish[ev.index]
+        elif kind == "done":
+            return JSONResponse(render.full(head, texts, tokens, finish, payload, job.choices))
+        elif kind == "error":
+            raise ApiError(500, payload, kind="server_error")
+        else:
+            return JSONResponse(ApiError(499, "client closed the request").body(), 499)
+
+
+async def stream(request, job, events, head, render, echo_texts):
+    try:
+        for chunk in render.opening(head, len(job.choices), echo_texts, job.n):
+            yield _sse(chunk)
+        while True:
+            kind, payload = await next_event(request, job, events)
+            if kind == "tokens":
+                for ev in payload:
+                    if ev.text or ev.token is not None or ev.finish:
+                        yield _sse(render.chunk(head, ev))
+            elif kind == "done":
+                yield _sse({**render.chunk_head(head), "choices": [], "usage": payload})
+                yield "data: [DONE]\n\n"
+                return
+            elif kind == "error":
+                yield _sse(ApiError(500, payload, kind="server_error").body())
+                yield "data: [DONE]\n\n"
+                return
+            else:
+                return
+    finally:
+        job.cancel()  # a no-op for a finished job; frees the slot of one whose client went away
+
+
+def run_info(models: list[ServedModel], max_tokens_limit: int) -> dict:
+    """/pico/info: each run's config and figures, and the request limits (what the playground shows)."""
+    return {"models": [{"id": m.id, "run": m.run_dir, "model": m.configs[0].model,
+                        "params": sum(p.numel() for p in m.model.parameters()),
+                        "context_length": m.max_context, "config": m.configs[0].to_dict(),
+                        "data": m.configs[1].to_dict(), "summary": m.summary, "prompt": m.configs[2].prompt,
+                        "tokenizer": m.tokenizer.name} for m in models],
+            "limits": {"max_tokens": max_tokens_limit, "n": MAX_N, "logprobs": MAX_LOGPROBS["completions"],
+                       "top_logprobs": MAX_LOGPROBS["chat"]}}
+
+
+def create_app(models: list[ServedModel], engine: Engine, chat_template: dict, max_tokens_limit: int = 1024):
+    """The ASGI app (FastAPI): the routes of the module docstring."""
+    by_id = {m.id: m for m in models}
+    app = FastAPI(title="pico-llm", docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
 
     def pick(name: Optional[str]) -> ServedModel:
         if name is None:
@@ -126,110 +250,6 @@ def create_app(models: list[ServedModel], engine: Engine, chat_template: dict, m
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {', '.join(by_id)}",
                            param="model", code="model_not_found")
         return by_id[name]
-
-    def prompt_ids(m: ServedModel, prompt, truncate: Optional[int]) -> list[list[int]]:
-        tok, ctx = m.tokenizer, m.max_context
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompt = [prompt]
-        if not prompt:
-            raise ApiError(400, "prompt is empty", param="prompt")
-        out = []
-        for p in prompt:
-            if isinstance(p, str):
-                ids = tok.encode(p) if p else [tok.eot_id]  # "": sample from end-of-text, as generate does
-            else:
-                if not p:
-                    raise ApiError(400, "a prompt of token ids is empty", param="prompt")
-                bad = next((i for i in p if not 0 <= i < tok.vocab_size), None)
-                if bad is not None:
-                    raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{tok.vocab_size - 1})",
-                                   param="prompt")
-                ids = list(p)
-            if truncate is not None:
-                if ctx is not None and truncate > ctx:
-                    raise ApiError(400, f"truncate_prompt_tokens {truncate} is past the context of {ctx} tokens",
-                                   param="truncate_prompt_tokens")
-                ids = ids[-truncate:]
-            if ctx is not None and len(ids) > ctx:
-                raise ApiError(400, f"the prompt is {len(ids)} tokens, longer than the model's context of {ctx} "
-                                    "(shorten it, or ask for truncate_prompt_tokens)",
-                               param="prompt", code="context_length_exceeded")
-            out.append(ids)
-        return out
-
-    def sample_config(req, max_tokens: int) -> SampleConfig:
-        top_k = None if req.top_k in (None, 0, -1) else req.top_k
-        return SampleConfig(max_new_tokens=max_tokens, temperature=req.temperature, top_k=top_k,
-                            top_p=None if req.top_p >= 1.0 else req.top_p, greedy=req.temperature == 0,
-                            stop_at_eot=True, seed=req.seed)
-
-    async def run_job(request: Request, m: ServedModel, prompts, cfg: SampleConfig, n: int, stops, logprobs,
-                      render, chat: bool, echo_texts: Optional[list[str]] = None):
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = Job(m, prompts, cfg, n, stops, logprobs,
-                  emit=lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)))
-        if not engine.submit(job):
-            raise ApiError(429, "the server's queue is full; retry later", kind="rate_limit_error")
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        head = {"id": rid, "created": created, "model": m.id}
-        if render.stream:
-            return StreamingResponse(stream(request, job, events, head, render, echo_texts),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await collect(request, job, events, head, render, echo_texts)
-
-    async def next_event(request: Request, job: Job, events: asyncio.Queue):
-        while True:  # wake now and then to notice a client that went away
-            try:
-                return await asyncio.wait_for(events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    return ("gone", None)
-
-    async def collect(request, job, events, head, render, echo_texts):
-        texts = [echo_texts[i // job.n] if echo_texts else "" for i in range(len(job.choices))]
-        tokens: list[list[dict]] = [[] for _ in job.choices]
-        finish: list[Optional[str]] = [None] * len(job.choices)
-        while True:
-            kind, payload = await next_event(request, job, events)
-            if kind == "tokens":
-                for ev in payload:
-                    texts[ev.index] += ev.text
-                    if ev.token is not None:
-                        tokens[ev.index].append(ev.token)
-                    finish[ev.index] = ev.finish or finish[ev.index]
-            elif kind == "done":
-                return _json_response(render.full(head, texts, tokens, finish, payload, job.choices))
-            elif kind == "error":
-                raise ApiError(500, payload, kind="server_error")
-            else:
-                return _json_response(ApiError(499, "client closed the request").body(), 499)
-
-    async def stream(request, job, events, head, render, echo_texts):
-        try:
-            for chunk in render.opening(head, len(job.choices), echo_texts, job.n):
-                yield _sse(chunk)
-            while True:
-                kind, payload = await next_event(request, job, events)
-                if kind == "tokens":
-                    for ev in payload:
-                        if ev.text or ev.token is not None or ev.finish:
-                            yield _sse(render.chunk(head, ev))
-                elif kind == "done":
-                    yield _sse({**render.chunk_head(head), "choices": [], "usage": payload})
-                    yield "data: [DONE]\n\n"
-                    return
-                elif kind == "error":
-                    yield _sse(ApiError(500, payload, kind="server_error").body())
-                    yield "data: [DONE]\n\n"
-                    return
-                else:
-                    return
-        finally:
-            job.cancel()  # a no-op for a finished job; frees the slot of one whose client went away
 
     @app.get("/")
     async def playground():
@@ -251,13 +271,7 @@ def create_app(models: list[ServedModel], engine: Engine, chat_template: dict, m
 
     @app.get("/pico/info")
     async def info():
-        return {"models": [{"id": m.id, "run": m.run_dir, "model": m.configs[0].model,
-                            "params": sum(p.numel() for p in m.model.parameters()),
-                            "context_length": m.max_context, "config": m.configs[0].to_dict(),
-                            "data": m.configs[1].to_dict(), "summary": m.summary, "prompt": m.configs[2].prompt,
-                            "tokenizer": m.tokenizer.name} for m in models],
-                "limits": {"max_tokens": max_tokens_limit, "n": MAX_N, "logprobs": MAX_LOGPROBS["completions"],
-                           "top_logprobs": MAX_LOGPROBS["chat"]}}
+        return run_info(models, max_tokens_limit)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -268,7 +282,7 @@ def create_app(models: list[ServedModel], engine: Engine, chat_template: dict, m
         cfg = sample_config(req, req.max_tokens or DEFAULT_MAX_TOKENS["completions"])
         render = CompletionRender(m.tokenizer, req.stream, req.stream_options)
         echo = [m.tokenizer.decode(p) for p in prompts] if req.echo else None
-        return await run_job(request, m, prompts, cfg, req.n, stop_strings(req.stop), req.logprobs, render,
+        return await run_job(engine, request, m, prompts, cfg, req.n, stop_strings(req.stop), req.logprobs, render,
                              chat=False, echo_texts=echo)
 
     @app.post("/v1/chat/completions")
@@ -280,7 +294,7 @@ def create_app(models: list[ServedModel], engine: Engine, chat_template: dict, m
         cfg = sample_config(req, max_tokens or min(DEFAULT_MAX_TOKENS["chat"], max_tokens_limit))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         render = ChatRender(m.tokenizer, req.stream, req.stream_options)
-        return await run_job(request, m, prompts, cfg, req.n, stop_strings(req.stop) + chat_template["stop"],
+        return await run_job(engine, request, m, prompts, cfg, req.n, stop_strings(req.stop) + chat_template["stop"],
                              logprobs, render, chat=True)
 
     return app
@@ -307,15 +321,12 @@ class CompletionRender:
         return {**head, "object": self.object_chunk}
 
     @staticmethod
-    def logprobs(tokens: list[dict], offset0: int = 0, text_offsets: Optional[list[int]] = None) -> dict:
+    def logprobs(tokens: list[dict]) -> dict:
         texts = [_token_text(t["bytes"]) for t in tokens]
-        offsets, at = [], offset0
-        for t in texts:
-            offsets.append(at)
-            at += len(t)
+        offsets = list(itertools.accumulate((len(t) for t in texts[:-1]), initial=0))
         return {"tokens": texts, "token_logprobs": [t["logprob"] for t in tokens],
                 "top_logprobs": [{_token_text(b): v for _, b, v in t["top"]} for t in tokens],
-                "text_offset": text_offsets or offsets}
+                "text_offset": offsets}
 
     def opening(self, head, n_choices, echo_texts, n):
         if echo_texts:
@@ -385,7 +396,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(addr)
     except OSError as e:
         sock.close()
-        why = "in use" if e.errno == 98 else (e.strerror or str(e))
+        why = "in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
         raise PicoError(f"cannot listen on {host}:{port}: {why}") from None
     sock.listen(128)
     sock.set_inheritable(True)

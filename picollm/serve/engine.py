@@ -14,9 +14,8 @@ from __future__ import annotations
 import codecs
 import itertools
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -37,7 +36,6 @@ class ServedModel:
     summary: dict
     created: int
     decoder: str = "auto"
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def max_context(self) -> Optional[int]:
@@ -120,7 +118,6 @@ class Job:
         self.choices = [ChoiceText(tok, stops, cfg.max_new_tokens) for _ in range(len(prompts) * n)]
         self.steps: list = []  # one decode_steps iterator per prompt; None once it is done
         self.cancelled = threading.Event()
-        self.submitted = time.perf_counter()
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -247,10 +244,9 @@ class Engine:
             if job.cancelled.is_set():
                 done, outcome = True, "cancelled"
             else:
-                with job.served.lock:  # the model is not re-entrant (its hook points, its mode)
-                    if not job.steps:
-                        job.start()
-                    done = not job.advance()
+                if not job.steps:  # only this thread runs the models
+                    job.start()
+                done = not job.advance()
                 if done:
                     outcome = "served"
                     job.emit("done", job.usage())
