@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo lint test test-all clean chromium
+.PHONY: venv demo lint test test-all clean chromium llama-cpp
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ chromium:
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	} || echo "note: chromium could not be installed; the browser tests will be skipped"
 
+# llama.cpp for the GGUF tests (slow, in make test-all): llama-cpp-python from PyPI compiles llama.cpp on
+# install, about 12 minutes on 2 cores the first time; pip keeps the built wheel in its cache after that.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+llama-cpp: venv
+	@$(PY) -c "import llama_cpp" 2>/dev/null || { \
+	  echo "installing $(LLAMA_CPP_PYTHON) (compiles llama.cpp: ~12 minutes the first time)"; \
+	  $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt '$(LLAMA_CPP_PYTHON)'; }
+
 lint: venv
 	$(VENV)/bin/ruff check picollm tests bench pico-llm.py
 	$(VENV)/bin/lint-imports
@@ -40,7 +48,7 @@ lint: venv
 test: venv chromium lint
 	$(PY) -m pytest -q
 
-test-all: venv chromium
+test-all: venv chromium llama-cpp
 	$(PY) -m pytest -q -m ''
 
 clean:

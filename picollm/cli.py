@@ -33,7 +33,7 @@ from .experiments.compare import compare_runs
 from .experiments.report import write_report
 from .experiments.sweep import run_sweep
 from .experiments.tensorboard import tensorboard_sinks
-from .export import export_hf
+from .export import GGUF_DTYPES, export_gguf, export_hf
 from .flags import (
     CLASSIC_DEFAULTS,
     DATA_FLAGS,
@@ -199,6 +199,14 @@ def cmd_data(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    if a.format == "gguf":
+        res = export_gguf(a.run, a.out, dtype=a.dtype or "f32", overwrite=a.overwrite)
+        print(f"  {a.out}  ({res['bytes']:,} bytes: {res['tensors']} tensors, {res['vocab']} tokens)")
+        print(f"exported {a.run} as GGUF ({res['architecture']}, {res['dtype']}): "
+              f"llama-cli -m {a.out}, or llama_cpp.Llama({a.out!r})")
+        return 0
+    if a.dtype is not None:
+        raise PicoError("--dtype is for --format gguf (an hf export keeps the run's float32 weights)")
     cls = export_hf(a.run, a.out, overwrite=a.overwrite)
     for name in sorted(os.listdir(a.out)):
         print(f"  {os.path.join(a.out, name)}  ({os.path.getsize(os.path.join(a.out, name)):,} bytes)")
@@ -340,8 +348,12 @@ def data_args(d: argparse.ArgumentParser) -> None:
 
 def export_args(x: argparse.ArgumentParser) -> None:
     x.add_argument("run")
-    x.add_argument("--format", choices=["hf"], default="hf", help="hf: LlamaForCausalLM or GPT2LMHeadModel")
-    x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: a transformers directory (LlamaForCausalLM or GPT2LMHeadModel); "
+                        "gguf: one file for llama.cpp, Ollama and LM Studio (Llama-style runs)")
+    x.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
+    x.add_argument("--dtype", choices=list(GGUF_DTYPES), default=None,
+                   help="gguf weights: f32 (default), f16, or q8_0 (llama.cpp's 8-bit blocks)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
 
 
@@ -423,7 +435,7 @@ COMMANDS: tuple[Command, ...] = (
     ("neighbors", "nearest tokens in embedding space; k-means clusters", neighbors_args, cmd_neighbors),
     ("data", "prepare data once (data prepare), see what is cached (data info), write a built-in corpus",
      data_args, cmd_data),
-    ("export", "write a Transformer run as a Hugging Face transformers model", export_args, cmd_export),
+    ("export", "write a Transformer run as a Hugging Face transformers model or a GGUF file", export_args, cmd_export),
     ("serve", "an OpenAI-compatible HTTP server (completions, chat, streaming) with a playground page at /",
      serve_args, cmd_serve),
     ("bench", "speed: training tokens/s and MFU, generation, k-gram, tokenizer", bench_args, cmd_bench),

@@ -2,12 +2,12 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from scramble import scrambled_copy
 
 from picollm import checkpoint as ckpt
 from picollm.cli import main
@@ -39,19 +39,6 @@ def train_run(root, name, preset, flags, tokenizer="bpe"):
     run = str(root / name)
     train(mcfg, data, tcfg, run, progress=False, log=lambda s: None)
     return run
-
-
-def scrambled_copy(run, dest, seed):
-    """A copy of a run with large random weights: a few training steps leave a tiny model's greedy
-    output one repeated token, which would not tell a broken KV cache or position table apart."""
-    shutil.copytree(run, dest)
-    model = ckpt.load_run(dest)[0]
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    ckpt.save_weights(dest, model, step=0)
-    return dest
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
 import socket
 import subprocess
@@ -353,3 +354,84 @@ def test_serve_command_line_errors(tmp_path, run_dir, capsys):
         assert main(["serve", run_dir, "--port", str(s.getsockname()[1])]) == 2
     err = capsys.readouterr().err
     assert "in use" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- the playground, in a real browser
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian chromium driven by Selenium through chromium-driver (no driver download)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip(f"{CHROMIUM} or {CHROMEDRIVER} is absent (make test installs chromium and chromium-driver)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def test_playground_streams_in_chromium(browser, server, loaded):
+    """A person's path through the page: the run's figures show, they type a prompt, move the temperature
+    slider to 0 (greedy) and the length slider to its end, press Generate, and watch the text stream in;
+    hovering a token shows its probability and the alternatives."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = browser
+    wait = WebDriverWait(d, 120)  # a hang guard
+    d.get(server + "/")
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+    assert d.find_element(By.ID, "model").get_attribute("value") == "srv"
+    _, info = get(server + "/pico/info")
+    shown = d.find_element(By.CSS_SELECTOR, '#figures dd[data-key="test loss (nats/token)"]').text
+    assert float(shown) == pytest.approx(info["models"][0]["summary"]["test_loss"], rel=1e-3)
+    # all assets local: nothing but this server was asked for
+    hosts = d.execute_script("return performance.getEntriesByType('resource').map(e => new URL(e.name).host)")
+    assert set(hosts) <= {server.removeprefix("http://")}
+
+    prompt = d.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("the cat")
+    d.find_element(By.ID, "temperature").send_keys(Keys.HOME)  # 0: greedy
+    d.find_element(By.ID, "max_tokens").send_keys(Keys.END)  # the server's limit, 2000
+    assert d.find_element(By.ID, "temperature-v").text == "0"
+    assert d.find_element(By.ID, "max_tokens-v").text == "2000"
+    # record how the output grows: streamed text arrives in many pieces, a finished answer in one
+    d.execute_script("""window.lengths = [];
+        new MutationObserver(() => window.lengths.push(document.getElementById('output').textContent.length))
+          .observe(document.getElementById('output'), {childList: true, subtree: true, characterData: true});""")
+    d.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done")
+    assert d.find_element(By.ID, "error").text == ""
+
+    want = ours(loaded, "the cat", max_new_tokens=2000, greedy=True)[0]
+    tokens = d.find_elements(By.CSS_SELECTOR, "#output .tok")
+    got = d.execute_script("return [...document.querySelectorAll('#output .tok')].map(s => s.textContent).join('')")
+    assert got == want
+    lengths = d.execute_script("return window.lengths")
+    assert len(set(lengths)) >= 5 and lengths == sorted(lengths)  # it grew piece by piece
+    assert f"{len(tokens)} tokens" in d.find_element(By.ID, "status").text
+
+    tok = tokens[min(3, len(tokens) - 1)]
+    ActionChains(d).move_to_element(tok).perform()
+    tip = d.find_element(By.ID, "tip")
+    wait.until(lambda d: tip.is_displayed())
+    rows = tip.find_elements(By.CSS_SELECTOR, "tr.alt")
+    assert len(rows) == 5  # the top alternatives
+    # greedy: the chosen token is the most probable, first in the list, with the probability shown above
+    assert "chosen" in rows[0].get_attribute("class")
+    p = float(tok.get_attribute("data-p"))
+    assert float(rows[0].find_elements(By.TAG_NAME, "td")[1].text) == pytest.approx(p, abs=1e-4)
+    assert f"p = {p:.4f}" in tip.find_element(By.CLASS_NAME, "chosen-p").text

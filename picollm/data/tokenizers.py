@@ -274,7 +274,7 @@ def byte_alphabet() -> dict[str, int]:
     return {**{chr(b): b for b in shown}, **{chr(0x100 + i): b for i, b in enumerate(hidden)}}
 
 
-def _bpe_parts(word: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
+def bpe_parts(word: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
     """tiktoken's rule on one word, with the tokens of rank < below: merge the adjacent pair whose
     concatenation has the lowest rank (leftmost first) until none is a token."""
     parts = [word[i:i + 1] for i in range(len(word))]
@@ -317,7 +317,7 @@ def _ranks_if_equivalent(data: dict) -> tuple[Optional[dict[bytes, int]], str]:
         a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
         pa, pb = bytes(alphabet[c] for c in a), bytes(alphabet[c] for c in b)
         r = ranks.get(pa + pb)
-        if r is None or r <= last or _bpe_parts(pa + pb, ranks, r) != [pa, pb]:
+        if r is None or r <= last or bpe_parts(pa + pb, ranks, r) != [pa, pb]:
             return None, f"merge {a!r} + {b!r} is not rebuilt by rank order"
         last = r
     singles = [i for i, b in by_id.items() if len(b) == 1]
