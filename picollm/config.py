@@ -20,7 +20,8 @@ BATCHINGS = ("packed", "padded")
 POS_EMBS = ("none", "learned", "sinusoidal", "rope")
 NORMS = ("rmsnorm", "layernorm")
 NORM_PLACEMENTS = ("pre", "post")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "relu2", "swiglu_oss")  # swiglu_oss: gpt-oss's clamped SwiGLU (models/transformer.py)
+WINDOW_PATTERNS = ("all", "alternate")  # which layers slide: every one, or the even ones (gpt-oss: 0, 2, ...)
 KGRAM_VARIANTS = ("onehot", "embedding", "conv")
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -31,6 +32,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mingpt": dict(pos_emb="learned", norm="layernorm", norm_placement="pre", mlp="gelu", bias=True, tie_weights=False),
     "gpt2": dict(pos_emb="learned", norm="layernorm", norm_placement="pre", mlp="gelu", bias=True, tie_weights=True),
     "llama": dict(pos_emb="rope", norm="rmsnorm", norm_placement="pre", mlp="swiglu", bias=False, tie_weights=False),
+    # Llama 3: grouped-query attention (a kv head per 4 query heads, at least 1), RoPE theta 500000
+    "llama3": dict(pos_emb="rope", norm="rmsnorm", norm_placement="pre", mlp="swiglu", bias=False, tie_weights=False,
+                   n_kv_heads=-4, rope_theta=500000.0),
+    # gpt-oss (HF's GptOssForCausalLM, scaled down): a kv head per 8 query heads, even layers sliding over 32
+    # keys, attention sinks, 8 experts of gpt-oss's clamped SwiGLU with 2 per token, biases, untied head
+    "gpt-oss": dict(pos_emb="rope", norm="rmsnorm", norm_placement="pre", mlp="swiglu_oss", bias=True,
+                    tie_weights=False, n_kv_heads=-8, sliding_window=32, window_pattern="alternate", attn_sinks=True,
+                    n_experts=8, experts_per_token=2, rope_theta=150000.0),
 }
 
 
@@ -129,6 +138,15 @@ class ModelConfig(_JSON):
     tie_weights: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    n_kv_heads: int = 0  # key/value heads: 0 = n_head (multi-head), 1 = multi-query, between: grouped-query;
+    #                      -g (presets): one kv head per g query heads, at least 1
+    sliding_window: int = 0  # 0: full attention; W: a query sees its last W keys, itself included
+    window_pattern: str = "all"  # which layers slide: all, or alternate (even layers slide, odd see everything)
+    attn_sinks: bool = False  # a learned logit per head in the softmax's denominator (gpt-oss)
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (OLMo 2, Qwen 3)
+    logit_softcap: float = 0.0  # 0: off; C: logits = C tanh(logits / C) (Gemma 2)
+    n_experts: int = 0  # 0: a dense MLP; E: a routed mixture of E expert MLPs
+    experts_per_token: int = 2  # K experts per token, their outputs weighted by the softmax of their router logits
     # lstm
     hidden_size: int = 0  # 0: same as n_embd
     lstm_layers: int = 1
@@ -145,15 +163,30 @@ class ModelConfig(_JSON):
         _choice("norm", self.norm, NORMS)
         _choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
         _choice("mlp", self.mlp, MLPS)
+        _choice("window_pattern", self.window_pattern, WINDOW_PATTERNS)
         _choice("kgram_variant", self.kgram_variant, KGRAM_VARIANTS)
         _check(self.block_size >= 2, f"--block_size must be >= 2, got {self.block_size}")
         _check(self.n_embd >= 1, "--embed_size must be >= 1")
         _check(self.n_layer >= 1 and self.n_head >= 1, "--n_blocks and --n_heads must be >= 1")
+        if self.n_kv_heads < 0:  # a preset's ratio: one kv head per -n_kv_heads query heads, a divisor of n_head
+            self.n_kv_heads = max(1, self.n_head // -self.n_kv_heads)
+            while self.n_head % self.n_kv_heads:
+                self.n_kv_heads -= 1
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_head
         if self.model == "transformer":  # heads mean nothing to the LSTM and the k-gram MLP
             _check(self.n_embd % self.n_head == 0,
                    f"--embed_size ({self.n_embd}) must be divisible by --n_heads ({self.n_head})")
             if self.pos_emb == "rope":
                 _check((self.n_embd // self.n_head) % 2 == 0, "rope needs an even head size (embed_size / n_heads)")
+            _check(self.n_head % self.n_kv_heads == 0,
+                   f"--n_heads ({self.n_head}) must be a multiple of --n_kv_heads ({self.n_kv_heads})")
+            _check(self.sliding_window >= 0, f"--sliding_window must be >= 0 (0: off), got {self.sliding_window}")
+            _check(self.logit_softcap >= 0, f"--logit_softcap must be >= 0 (0: off), got {self.logit_softcap}")
+            _check(self.n_experts >= 0, f"--n_experts must be >= 0 (0: a dense MLP), got {self.n_experts}")
+            if self.n_experts:
+                _check(1 <= self.experts_per_token <= self.n_experts,
+                       f"--experts_per_token must be in 1..{self.n_experts} (--n_experts), got {self.experts_per_token}")
         _check(0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)")
         _check(self.kgram_k >= 1, "--kgram_k must be >= 1")
         _check(self.num_inner_mlp_layers >= 0, "--num_inner_mlp_layers must be >= 0")
@@ -165,6 +198,12 @@ class ModelConfig(_JSON):
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    def window(self, layer: int) -> int:
+        """The sliding window of a layer, 0 where it sees every earlier key."""
+        if not self.sliding_window or (self.window_pattern == "alternate" and layer % 2):
+            return 0
+        return self.sliding_window
 
 
 def resolve_model_config(preset: Optional[str] = None, **flags) -> ModelConfig:
@@ -190,6 +229,7 @@ class TrainConfig(_JSON):
     warmup_steps: int = 20
     lr_schedule: str = "cosine"  # cosine (warmup + cosine decay) | constant
     grad_clip: float = 1.0
+    moe_aux_weight: float = 0.01  # the mixture of experts' load-balancing loss, added to the LM loss
     eval_interval: int = 0  # 0: evaluate at epoch ends only
     eval_batches: int = 20
     log_interval: int = 10
@@ -211,6 +251,7 @@ class TrainConfig(_JSON):
         _check(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
         _check(self.warmup_steps >= 0, "--warmup_steps must be >= 0")
         _check(self.eval_interval >= 0 and self.eval_batches >= 1, "--eval_interval >= 0 and --eval_batches >= 1")
+        _check(self.moe_aux_weight >= 0, f"--moe_aux_weight must be >= 0, got {self.moe_aux_weight}")
         _check(self.log_interval >= 1, f"--log_interval must be >= 1, got {self.log_interval}")
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("precision", self.precision, PRECISIONS)

@@ -30,6 +30,7 @@ from .config import (
     PRECISIONS,
     PRESETS,
     TOKENIZERS,
+    WINDOW_PATTERNS,
     DataConfig,
     ModelConfig,
     TrainConfig,
@@ -155,6 +156,16 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     F("mlp", "model", values=MLPS),
     F("bias", "model", parse_bool),
     F("tie_weights", "model", parse_bool),
+    F("n_kv_heads", "model", int, help="key/value heads: n_heads (default), 1 (multi-query) or a divisor "
+      "of n_heads (grouped-query)"),
+    F("sliding_window", "model", int, help="each query sees its last W keys (0: full attention)"),
+    F("window_pattern", "model", values=WINDOW_PATTERNS,
+      help="which layers slide: all, or alternate (even layers slide, odd ones see everything: gpt-oss)"),
+    F("attn_sinks", "model", parse_bool, help="a learned logit per head in the softmax's denominator (gpt-oss)"),
+    F("qk_norm", "model", parse_bool, help="RMSNorm over each q and k head before RoPE (OLMo 2, Qwen 3)"),
+    F("logit_softcap", "model", float, help="C: logits = C tanh(logits / C), Gemma 2 (0: off)"),
+    F("n_experts", "model", int, help="a routed mixture of E expert MLPs instead of the dense MLP (0: dense)"),
+    F("experts_per_token", "model", int, help="K: the experts each token goes through (default 2)"),
     F("use_position_emb", "model", parse_bool, help="false: no positional embedding"),
     F("use_post_norm", "model", None, help="same as --norm_placement post"),
     F("dropout", "model", float),
@@ -177,6 +188,8 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     F("warmup_steps", "training", int, 20),
     F("lr_schedule", "training", default="cosine", values=LR_SCHEDULES, help="cosine: warmup + cosine decay"),
     F("grad_clip", "training", float, 1.0),
+    F("moe_aux_weight", "training", float, 0.01,
+      "weight of the mixture of experts' load-balancing loss (added to the LM loss, logged apart)"),
     F("eval_interval", "training", int, 0, "also evaluate every N steps (0: epoch ends only)"),
     F("eval_batches", "training", int, 20),
     F("log_interval", "training", int, 10),
@@ -280,7 +293,7 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=epochs, max_steps_per_epoch=a.max_steps_per_epoch, batch_size=a.batch_size,
                        grad_accum_steps=a.grad_accum_steps, learning_rate=a.learning_rate,
                        weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, lr_schedule=a.lr_schedule,
-                       grad_clip=a.grad_clip, eval_interval=a.eval_interval, eval_batches=a.eval_batches,
+                       grad_clip=a.grad_clip, moe_aux_weight=a.moe_aux_weight, eval_interval=a.eval_interval, eval_batches=a.eval_batches,
                        log_interval=a.log_interval, device=a.device_id, precision=a.precision, compile=a.compile,
                        seed=a.seed, prompt=prompt, max_new_tokens=a.max_new_tokens, tensorboard=a.tensorboard)
 
@@ -296,7 +309,9 @@ def model_flags(a: argparse.Namespace) -> dict:
                 norm=a.norm, norm_placement="post" if a.use_post_norm else a.norm_placement, mlp=a.mlp, bias=a.bias,
                 tie_weights=a.tie_weights, dropout=a.dropout, hidden_size=a.hidden_size, lstm_layers=a.lstm_layers,
                 kgram_k=a.kgram_k, kgram_variant=a.kgram_variant, num_inner_mlp_layers=a.num_inner_mlp_layers,
-                kgram_chunk_size=a.kgram_chunk_size)
+                kgram_chunk_size=a.kgram_chunk_size, n_kv_heads=a.n_kv_heads, sliding_window=a.sliding_window,
+                window_pattern=a.window_pattern, attn_sinks=a.attn_sinks, qk_norm=a.qk_norm,
+                logit_softcap=a.logit_softcap, n_experts=a.n_experts, experts_per_token=a.experts_per_token)
 
 
 def check_output_dir(path: str) -> None:

@@ -26,6 +26,23 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return _ChunkedCrossEntropy.apply(logits2d, targets1d)
 
 
+def moe_aux_loss(router_logits: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The mixture of experts' load-balancing loss (Switch Transformer; Mixtral's with top-k), averaged
+    over the MoE layers: E * sum_e f_e * P_e, with f_e the share of the (token, slot) routings that went to
+    expert e and P_e the mean router probability of e. It is 1 when routing is uniform and grows as it
+    concentrates; only P_e carries a gradient. router_logits: one (..., E) tensor per layer."""
+    losses = []
+    for logits in router_logits:
+        logits = logits.reshape(-1, logits.size(-1)).float()  # (N, E)
+        E = logits.size(-1)
+        probs = F.softmax(logits, dim=-1)
+        chosen = logits.topk(k, dim=-1).indices  # (N, K)
+        share = torch.zeros(E, device=logits.device).index_add_(
+            0, chosen.reshape(-1), torch.ones(chosen.numel(), device=logits.device)) / chosen.numel()
+        losses.append(E * (share * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """F.cross_entropy(logits.float(), targets, ignore_index) for (N, V) low-precision logits, computed
     CHUNK rows at a time in float32 (cache-sized); the gradient is written straight in the logits' dtype."""

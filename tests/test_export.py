@@ -28,7 +28,16 @@ RUNS = {
     "llama-tied-bias": ("pico", dict(bias=True), "bpe"),
     "gpt2": ("gpt2", {}, "bpe"),  # tied, biases
     "gpt2-untied-nobias": ("mingpt", dict(bias=False), "byte"),
+    # the newer attention and MLP parts
+    "llama3-gqa": ("llama3", dict(n_kv_heads=2), "bpe"),
+    "llama3-mqa-tied-bias": ("llama3", dict(tie_weights=True, bias=True), "byte"),  # 4 heads: 1 kv head
+    "qwen3-qk-norm": ("pico", dict(qk_norm=True, n_kv_heads=2), "bpe"),
+    "gpt-oss": ("gpt-oss", dict(sliding_window=8, n_experts=4), "bpe"),
+    "gpt-oss-plain": ("gpt-oss", dict(bias=False, attn_sinks=False, window_pattern="all", sliding_window=6,
+                                      experts_per_token=1, n_kv_heads=2, n_experts=3), "byte"),
 }
+HF_CLASS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt-oss": "GptOssForCausalLM",
+            "gpt2": "GPT2LMHeadModel"}
 
 
 def train_run(root, name, preset, flags, tokenizer="bpe"):
@@ -61,7 +70,8 @@ def test_logits_and_greedy_generation_match(exported, name):
     run, hf_dir, cls, _ = exported[name]
     ours, tok, (cfg, _, _) = ckpt.load_run(run)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    assert type(theirs).__name__ == cls == ("LlamaForCausalLM" if name.startswith("llama") else "GPT2LMHeadModel")
+    want_cls = next(c for prefix, c in HF_CLASS.items() if name.startswith(prefix))
+    assert type(theirs).__name__ == cls == want_cls
     assert theirs.dtype == torch.float32
     assert theirs.config.tie_word_embeddings == cfg.tie_weights
     assert (theirs.lm_head.weight.data_ptr() == theirs.get_input_embeddings().weight.data_ptr()) == cfg.tie_weights
@@ -145,6 +155,13 @@ def test_gpt2_tokenizer_files_are_exported(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("cfg, setting", [
+    (dict(logit_softcap=5.0), "logit_softcap=5"),
+    (dict(mlp="relu2"), "mlp=relu2 with pos_emb=rope"),
+    (dict(attn_sinks=True), "norm=rmsnorm with pos_emb=rope"[:0] + "mlp=swiglu with pos_emb=rope"),
+    (dict(attn_sinks=True, mlp="swiglu_oss"), "a dense MLP with windows, sinks or mlp=swiglu_oss"),
+    (dict(n_experts=2, mlp="swiglu_oss", qk_norm=True), "qk_norm with experts, windows or sinks"),
+    (dict(qk_norm=True, bias=True), "bias=True with qk_norm"),
+    (dict(pos_emb="learned", norm="layernorm", mlp="gelu", n_kv_heads=2), "n_kv_heads with pos_emb=learned"),
     (dict(norm_placement="post"), "norm_placement=post"),
     (dict(pos_emb="sinusoidal"), "pos_emb=sinusoidal"),
     (dict(pos_emb="none"), "pos_emb=none"),

@@ -5,6 +5,7 @@ do, gives our logits and decodes greedily the same tokens."""
 
 import json
 import os
+import shutil
 
 import gguf
 import numpy as np
@@ -28,6 +29,7 @@ TEXTS = ["0 1 2 3 4 5 6 7", "12 24 48 96 192", "Once upon a time, a dog ran.", "
 RUNS = {  # name: (preset, explicit flags, tokenizer)
     "llama": ("llama", {}, "bpe"),  # untied head, no biases: the issue's case
     "tied-bias-byte": ("pico", dict(bias=True), "byte"),
+    "llama3-gqa": ("llama3", dict(n_kv_heads=2), "bpe"),  # grouped-query attention: 2 kv heads for 4
 }
 
 
@@ -106,6 +108,20 @@ def test_file_holds_the_run(runs, tmp_path):
     assert np.array_equal(t["blk.0.ffn_up.weight"].data, up.numpy())
     assert np.array_equal(t["blk.0.ffn_norm.weight"].data, sd["blocks.0.ln_2.weight"].numpy())
     assert len(t) == 3 + 9 * 2
+
+
+def test_grouped_query_attention(runs, tmp_path):
+    out = str(tmp_path / "m.gguf")
+    export_gguf(runs["llama3-gqa"], out, log=lambda s: None)
+    sd = ckpt.load_run(runs["llama3-gqa"])[0].state_dict()
+    r = gguf.GGUFReader(out)
+    assert field(r, "llama.attention.head_count") == 4 and field(r, "llama.attention.head_count_kv") == 2
+    assert field(r, "llama.rope.freq_base") == 500000.0
+    t = tensors(r)
+    k = sd["blocks.0.attn.qkv.weight"][96:144]  # 2 kv heads of 24 rows, after the 4 q heads
+    back = torch.from_numpy(np.array(t["blk.0.attn_k.weight"].data)).reshape(2, 12, 2, 96).transpose(1, 2)
+    assert torch.equal(back.reshape(48, 96), k)  # reordered per kv head
+    assert np.array_equal(t["blk.0.attn_v.weight"].data, sd["blocks.0.attn.qkv.weight"][144:].numpy())
 
 
 def test_tied_head_and_biases(runs, tmp_path):
@@ -233,7 +249,9 @@ def test_refusals_exit_2_with_one_line(tmp_path, capsys):
     post = train_run(tmp_path, "post", "llama", dict(norm_placement="post", n_layer=1), tokenizer="byte", steps=2)
     lstm = train_run(tmp_path, "lstm", "pico", dict(model="lstm"), tokenizer="byte", steps=2)
     out = tmp_path / "m.gguf"
-    for run, words in ((gpt2, "only Llama-style runs export"), (post, "norm_placement=post"), (lstm, "model=lstm")):
+    oss = train_run(tmp_path, "oss", "gpt-oss", dict(n_layer=1, n_experts=2), tokenizer="byte", steps=2)
+    for run, words in ((gpt2, "only Llama-style runs export"), (post, "norm_placement=post"), (lstm, "model=lstm"),
+                       (oss, "GptOssForCausalLM-style (--format hf exports it)")):
         capsys.readouterr()
         assert main(["export", run, "--format", "gguf", "--out", str(out)]) == 2
         err = capsys.readouterr().err
@@ -255,9 +273,13 @@ def test_out_file_rules(runs, tmp_path, capsys, monkeypatch):
     before = out.read_bytes()
     assert main(["export", run, "--format", "gguf", "--out", str(out)]) == 2  # exists: refused, untouched
     assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == before
-    for target, words in ((tmp_path, "is a directory"), (tmp_path / "no" / "m.gguf", "does not exist")):
+    (tmp_path / "file").write_text("x")
+    for target, words in ((tmp_path, "is a directory"), (tmp_path / "file" / "m.gguf", "cannot create")):
         assert main(["export", run, "--format", "gguf", "--out", str(target)]) == 2
         assert words in capsys.readouterr().err
+
+    assert main(["export", run, "--format", "gguf", "--out", str(tmp_path / "new" / "m.gguf")]) == 0  # parents made
+    shutil.rmtree(tmp_path / "new")
 
     def fail(self, *a, **k):
         raise OSError(28, "No space left on device")
@@ -266,7 +288,7 @@ def test_out_file_rules(runs, tmp_path, capsys, monkeypatch):
     assert main(["export", run, "--format", "gguf", "--out", str(out), "--overwrite"]) == 2
     assert "No space left" in capsys.readouterr().err
     assert out.read_bytes() == before  # the earlier export intact, no temporary file left
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "m.gguf"]
 
 
 # --------------------------------------------------------------------------- in llama.cpp

@@ -100,7 +100,7 @@ def test_accumulation_through_a_wrapper_that_is_not_ddp():
                     lambda: torch.autocast("cpu", enabled=False), "cpu", grad_accum_steps=accum, grad_clip=0.0)
         opt.step = lambda: None  # keep the gradients of the step to compare them
         opt.zero_grad = lambda set_to_none=True: None
-        loss, n_tok = train_step(s, x, y, 1e-3)
+        loss, n_tok, _ = train_step(s, x, y, 1e-3)
         assert n_tok == y.numel()
         torch.manual_seed(0)
         assert loss.item() == pytest.approx(lm_loss(build_model(cfg)(x), y).item(), rel=1e-5)

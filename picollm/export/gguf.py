@@ -1,8 +1,8 @@
 """Export a Transformer run as GGUF, the file llama.cpp, Ollama and LM Studio load, written with the
 `gguf` package (llama.cpp's own writer).
 
-What exports: the runs `hf.py` exports as Llama (pre-norm, RoPE, RMSNorm, SwiGLU; biases and a tied or
-untied head), as llama.cpp's `llama` architecture. Anything else is refused with one line naming the
+What exports: the runs `hf.py` exports as Llama (pre-norm, RoPE, RMSNorm, SwiGLU; grouped-query attention,
+biases and a tied or untied head), as llama.cpp's `llama` architecture. Anything else is refused with one line naming the
 setting.
 
 Weight layouts. llama.cpp's `llama` rotates adjacent pairs (dims 2i, 2i+1) where ours, like HF's,
@@ -53,7 +53,8 @@ def gguf_refusal(cfg: ModelConfig) -> Optional[str]:
             "no Hugging Face equivalent", "no llama.cpp equivalent")
     if arch != LLAMA:
         return ("cannot export to gguf: only Llama-style runs export (pos_emb=rope, norm=rmsnorm, mlp=swiglu, "
-                f"pre-norm; e.g. --preset llama); this run is {arch}-style (pos_emb={cfg.pos_emb})")
+                f"pre-norm, grouped-query attention allowed; e.g. --preset llama3); this run is {arch}-style "
+                "(--format hf exports it)")
     return None
 
 
@@ -130,7 +131,7 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
             _, _, i, rest = name.split(".", 3)  # model.layers.{i}.{module}.{weight|bias}
             module, kind = rest.rsplit(".", 1)
             if module in ("self_attn.q_proj", "self_attn.k_proj"):
-                t = rope_pairs_adjacent(t, cfg.n_head)
+                t = rope_pairs_adjacent(t, cfg.n_head if module == "self_attn.q_proj" else cfg.n_kv_heads)
             out[f"blk.{i}.{GGUF_NAMES[module]}.{kind}"] = t
     return out
 
@@ -179,8 +180,10 @@ def export_gguf(run_dir: str, out_file: str, *, dtype: str = "f32", overwrite: b
     if os.path.exists(out_file) and not overwrite:
         raise PicoError(f"--out {out_file} exists; pass --overwrite to replace it")
     parent = os.path.dirname(os.path.abspath(out_file))
-    if not os.path.isdir(parent):
-        raise PicoError(f"--out {out_file}: directory {parent} does not exist")
+    try:
+        os.makedirs(parent, exist_ok=True)  # as the hf export makes its folder's parents
+    except OSError as e:
+        raise PicoError(f"--out {out_file}: cannot create {parent} ({e.strerror or type(e).__name__})") from None
 
     model, tokenizer, (cfg, _, _) = load_run(run_dir)
     tokens, types, merges = gguf_vocab(tokenizer)
@@ -199,7 +202,7 @@ def export_gguf(run_dir: str, out_file: str, *, dtype: str = "f32", overwrite: b
             w.add_block_count(cfg.n_layer)
             w.add_feed_forward_length(swiglu_hidden(cfg.n_embd))
             w.add_head_count(cfg.n_head)
-            w.add_head_count_kv(cfg.n_head)
+            w.add_head_count_kv(cfg.n_kv_heads)
             w.add_key_length(cfg.head_size)
             w.add_value_length(cfg.head_size)
             w.add_rope_dimension_count(cfg.head_size)

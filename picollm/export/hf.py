@@ -1,6 +1,10 @@
 """Export a Transformer run to the Hugging Face transformers format, without importing transformers.
 
-    pre-norm, rope, rmsnorm, swiglu            -> LlamaForCausalLM  (biases: attention_bias / mlp_bias)
+    pre-norm, rope, rmsnorm, swiglu            -> LlamaForCausalLM  (biases: attention_bias / mlp_bias;
+                                                  grouped-query attention: num_key_value_heads)
+      ... with qk_norm                         -> Qwen3ForCausalLM  (no MLP biases)
+    pre-norm, rope, rmsnorm, swiglu_oss experts -> GptOssForCausalLM (windows, sinks, a mixture of experts;
+                                                  its router and expert biases are zeros where ours has none)
     pre-norm, learned positions, layernorm, gelu -> GPT2LMHeadModel (no biases: exported as zeros)
 
 Either head may be tied or untied. The output directory holds config.json, model.safetensors,
@@ -9,10 +13,12 @@ JSON as tokenizer.json plus tokenizer_config.json; for gpt2, GPT-2's encoder.jso
 vocab.json and merges.txt when the run's tokenizer was built from those files. The byte tokenizer has
 no transformers class: the model is exported alone.
 
-Weight layouts. Ours: attn.qkv is one Linear C -> 3C (q, k, v rows, in that order, heads contiguous);
-mlp.fc for swiglu is one Linear C -> 2H (gate rows, then up rows). Llama keeps separate q/k/v and
-gate/up Linears with the same (out, in) layout, and its RoPE pairs dim i with i + hs/2 as ours does, so
-the rows are only split. GPT-2 uses Conv1D, whose weight is (in, out): every Linear is transposed.
+Weight layouts. Ours: attn.qkv is one Linear C -> (nh + 2 nkv) hs (q, k, v rows, in that order, heads
+contiguous); mlp.fc for swiglu is one Linear C -> 2H (gate rows, then up rows). Llama and Qwen 3 keep
+separate q/k/v and gate/up Linears with the same (out, in) layout, and their RoPE pairs dim i with
+i + hs/2 as ours does, so the rows are only split. gpt-oss's experts are (E, in, out) as ours, with gate
+and up interleaved (gate in the even columns). GPT-2 uses Conv1D, whose weight is (in, out): every Linear
+is transposed.
 """
 
 from __future__ import annotations
@@ -29,9 +35,9 @@ from safetensors.torch import save_file
 from ..checkpoint import load_config, load_run
 from ..config import EOT, ModelConfig
 from ..errors import PicoError
-from ..models.transformer import swiglu_hidden
+from ..models.transformer import OSS_ALPHA, OSS_LIMIT, mlp_hidden, swiglu_hidden
 
-LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
+LLAMA, QWEN3, GPT_OSS, GPT2 = "LlamaForCausalLM", "Qwen3ForCausalLM", "GptOssForCausalLM", "GPT2LMHeadModel"
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
@@ -45,12 +51,34 @@ def hf_architecture(cfg: ModelConfig) -> str:
         raise refuse(f"model={cfg.model}", " (only Transformer runs export)")
     if cfg.norm_placement != "pre":
         raise refuse(f"norm_placement={cfg.norm_placement}", " (Llama and GPT-2 are pre-norm)")
+    if cfg.logit_softcap:
+        raise refuse(f"logit_softcap={cfg.logit_softcap:g}", " (Gemma 2 caps logits, but differs elsewhere)")
     if cfg.pos_emb == "rope":
-        for name, want in (("norm", "rmsnorm"), ("mlp", "swiglu")):
+        moe_like = cfg.n_experts or cfg.attn_sinks or cfg.sliding_window or cfg.mlp == "swiglu_oss"
+        want_mlp = "swiglu_oss" if moe_like else "swiglu"
+        why = (" (windows, sinks and experts export as gpt-oss: norm=rmsnorm, mlp=swiglu_oss, with --n_experts)"
+               if moe_like else " (rope exports as Llama: norm=rmsnorm, mlp=swiglu)")
+        for name, want in (("norm", "rmsnorm"), ("mlp", want_mlp)):
             if getattr(cfg, name) != want:
-                raise refuse(f"{name}={getattr(cfg, name)} with pos_emb=rope",
-                             " (rope exports as Llama: norm=rmsnorm, mlp=swiglu)")
+                raise refuse(f"{name}={getattr(cfg, name)} with pos_emb=rope", why)
+        if moe_like:
+            if not cfg.n_experts:
+                raise refuse("a dense MLP with windows, sinks or mlp=swiglu_oss", " (gpt-oss's MLP is a mixture of "
+                             "experts: add --n_experts)")
+            if cfg.qk_norm:
+                raise refuse("qk_norm with experts, windows or sinks", " (gpt-oss has no QK-norm)")
+            return GPT_OSS
+        if cfg.qk_norm:
+            if cfg.bias:
+                raise refuse("bias=True with qk_norm", " (QK-norm exports as Qwen 3, whose MLP has no biases)")
+            return QWEN3
         return LLAMA
+    if cfg.mlp == "relu2":
+        raise refuse("mlp=relu2")
+    for setting, on in (("qk_norm", cfg.qk_norm), ("attn_sinks", cfg.attn_sinks), ("sliding_window", cfg.sliding_window),
+                        ("n_experts", cfg.n_experts), ("n_kv_heads", cfg.n_kv_heads != cfg.n_head)):
+        if on:
+            raise refuse(f"{setting} with pos_emb={cfg.pos_emb}", " (these export with RoPE only)")
     if cfg.pos_emb == "learned":
         for name, want in (("norm", "layernorm"), ("mlp", "gelu")):
             if getattr(cfg, name) != want:
@@ -72,7 +100,7 @@ def llama_config(cfg: ModelConfig, eot_id: int) -> dict:
         "intermediate_size": swiglu_hidden(cfg.n_embd),
         "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_size,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.block_size,
@@ -88,6 +116,45 @@ def llama_config(cfg: ModelConfig, eot_id: int) -> dict:
         "eos_token_id": eot_id,
         "initializer_range": 0.02,
         "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def qwen3_config(cfg: ModelConfig, eot_id: int) -> dict:
+    return {**llama_config(cfg, eot_id), "architectures": [QWEN3], "model_type": "qwen3", "use_sliding_window": False,
+            "sliding_window": None, "max_window_layers": cfg.n_layer}
+
+
+def gpt_oss_config(cfg: ModelConfig, eot_id: int) -> dict:
+    windows = [cfg.window(i) for i in range(cfg.n_layer)]
+    return {
+        "architectures": [GPT_OSS],
+        "model_type": "gpt_oss",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": mlp_hidden(cfg),
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_size,
+        "num_local_experts": cfg.n_experts,
+        "num_experts_per_tok": cfg.experts_per_token,
+        "swiglu_alpha": OSS_ALPHA,
+        "swiglu_limit": OSS_LIMIT,
+        "sliding_window": cfg.sliding_window or None,
+        "layer_types": ["sliding_attention" if w else "full_attention" for w in windows],
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": cfg.bias,
+        "attention_dropout": cfg.dropout,
+        "tie_word_embeddings": cfg.tie_weights,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "initializer_range": 0.02,
         "use_cache": True,
         "torch_dtype": "float32",
     }
@@ -124,24 +191,67 @@ def gpt2_config(cfg: ModelConfig, eot_id: int) -> dict:
 # ----------------------------------------------------------------------------- weights
 
 
+def _attention(sd: dict, cfg: ModelConfig, ours: str, theirs: str, kinds) -> dict[str, torch.Tensor]:
+    """q/k/v/o of one layer, split from our qkv (n_head q heads, then n_kv_heads k and v heads)."""
+    out = {}
+    hs = cfg.head_size
+    for kind in kinds:
+        q, k, v = sd[ours + f"attn.qkv.{kind}"].split([cfg.n_head * hs, cfg.n_kv_heads * hs, cfg.n_kv_heads * hs])
+        out[theirs + f"self_attn.q_proj.{kind}"] = q
+        out[theirs + f"self_attn.k_proj.{kind}"] = k
+        out[theirs + f"self_attn.v_proj.{kind}"] = v
+        out[theirs + f"self_attn.o_proj.{kind}"] = sd[ours + f"attn.proj.{kind}"]
+    return out
+
+
 def llama_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    C = cfg.n_embd
+    """Llama's (and, with the q/k norms, Qwen 3's) names for our weights."""
     out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]}
     kinds = ("weight", "bias") if cfg.bias else ("weight",)
     for i in range(cfg.n_layer):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         out[theirs + "input_layernorm.weight"] = sd[ours + "ln_1.weight"]
         out[theirs + "post_attention_layernorm.weight"] = sd[ours + "ln_2.weight"]
+        out.update(_attention(sd, cfg, ours, theirs, kinds))
+        if cfg.qk_norm:
+            out[theirs + "self_attn.q_norm.weight"] = sd[ours + "attn.q_norm.weight"]
+            out[theirs + "self_attn.k_norm.weight"] = sd[ours + "attn.k_norm.weight"]
         for kind in kinds:
-            q, k, v = sd[ours + f"attn.qkv.{kind}"].split(C, dim=0)  # (C, C) or (C,) each
-            out[theirs + f"self_attn.q_proj.{kind}"] = q
-            out[theirs + f"self_attn.k_proj.{kind}"] = k
-            out[theirs + f"self_attn.v_proj.{kind}"] = v
-            out[theirs + f"self_attn.o_proj.{kind}"] = sd[ours + f"attn.proj.{kind}"]
             gate, up = sd[ours + f"mlp.fc.{kind}"].chunk(2, dim=0)  # (H, C) or (H,) each, gate first
             out[theirs + f"mlp.gate_proj.{kind}"] = gate
             out[theirs + f"mlp.up_proj.{kind}"] = up
             out[theirs + f"mlp.down_proj.{kind}"] = sd[ours + f"mlp.proj.{kind}"]
+    if not cfg.tie_weights:
+        out["lm_head.weight"] = sd["head.weight"]
+    return out
+
+
+def gpt_oss_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """GptOssForCausalLM's names for our weights: biases it always has are zeros where ours has none, and
+    a run without sinks gets sinks at -inf (no weight)."""
+    out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]}
+    kinds = ("weight", "bias") if cfg.bias else ("weight",)
+    E, C = cfg.n_experts, cfg.n_embd
+
+    def bias(name: str, shape) -> torch.Tensor:
+        return sd[name] if cfg.bias else torch.zeros(shape, dtype=sd["wte.weight"].dtype)
+
+    for i in range(cfg.n_layer):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        out[theirs + "input_layernorm.weight"] = sd[ours + "ln_1.weight"]
+        out[theirs + "post_attention_layernorm.weight"] = sd[ours + "ln_2.weight"]
+        out.update(_attention(sd, cfg, ours, theirs, kinds))
+        out[theirs + "self_attn.sinks"] = (sd[ours + "attn.sinks"] if cfg.attn_sinks
+                                           else torch.full((cfg.n_head,), float("-inf")))
+        out[theirs + "mlp.router.weight"] = sd[ours + "mlp.router.weight"]
+        out[theirs + "mlp.router.bias"] = bias(ours + "mlp.router.bias", (E,))
+        fc = sd[ours + "mlp.fc"]  # (E, C, 2H): gate columns, then up
+        H = fc.size(-1) // 2
+        out[theirs + "mlp.experts.gate_up_proj"] = torch.stack(fc.split(H, dim=-1), dim=-1).reshape(E, C, 2 * H)
+        fc_b = bias(ours + "mlp.fc_bias", (E, 2 * H))
+        out[theirs + "mlp.experts.gate_up_proj_bias"] = torch.stack(fc_b.split(H, dim=-1), dim=-1).reshape(E, 2 * H)
+        out[theirs + "mlp.experts.down_proj"] = sd[ours + "mlp.proj"]
+        out[theirs + "mlp.experts.down_proj_bias"] = bias(ours + "mlp.proj_bias", (E, C))
     if not cfg.tie_weights:
         out["lm_head.weight"] = sd["head.weight"]
     return out
@@ -240,10 +350,10 @@ def export_hf(run_dir: str, out_dir: str, *, overwrite: bool = False,
     _check_out_dir(run_dir, out_dir, overwrite)
     model, tokenizer, (cfg, _, _) = load_run(run_dir)
     sd = model.state_dict()
-    if arch == LLAMA:
-        config, weights = llama_config(cfg, tokenizer.eot_id), llama_state_dict(sd, cfg)
-    else:
-        config, weights = gpt2_config(cfg, tokenizer.eot_id), gpt2_state_dict(sd, cfg)
+    make_config, make_weights = {LLAMA: (llama_config, llama_state_dict), QWEN3: (qwen3_config, llama_state_dict),
+                                 GPT_OSS: (gpt_oss_config, gpt_oss_state_dict),
+                                 GPT2: (gpt2_config, gpt2_state_dict)}[arch]
+    config, weights = make_config(cfg, tokenizer.eot_id), make_weights(sd, cfg)
     # safetensors refuses tensors that share memory (q/k/v are views of one qkv): store copies
     weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
 

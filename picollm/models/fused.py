@@ -44,6 +44,8 @@ class _Cfg(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in ("n_layer", "n_head", "n_embd", "head_size", "hidden", "vocab",
                                                      "block_size", "layernorm", "pre_norm", "swiglu", "pos_kind", "bf16")]
     _fields_ += [("eps", ctypes.c_float)]
+    _fields_ += [(name, ctypes.c_int32) for name in ("n_kv_head", "window", "window_alternate", "relu2")]
+    _fields_ += [("softcap", ctypes.c_float)]
 
 
 # pico_forward's return codes (the PICO_* enum of fused_decode.c)
@@ -119,6 +121,10 @@ def fused_unavailable(model) -> Optional[str]:
         return f"the fused decoder runs on the CPU; the model is on {w.device.type}"
     if w.dtype not in (torch.float32, torch.bfloat16):
         return f"the fused decoder reads float32 or bfloat16 weights, not {w.dtype}"
+    if model.cfg.n_experts:
+        return "the fused decoder does not serve a mixture of experts (--n_experts); PyTorch decodes it"
+    if model.cfg.mlp not in ("gelu", "swiglu", "relu2"):
+        return f"the fused decoder does not compute mlp={model.cfg.mlp}; PyTorch decodes it"
     try:
         _library()
     except RuntimeError as e:
@@ -128,7 +134,7 @@ def fused_unavailable(model) -> Optional[str]:
 
 @dataclass
 class FusedState:
-    """KV caches (L, B, nh, block_size, hs) in float32, the C code's scratch, and the logits buffer."""
+    """KV caches (L, B, n_kv_heads, block_size, hs) in float32, the C code's scratch, and the logits buffer."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -156,8 +162,10 @@ class FusedDecoder:
         self.ccfg = _Cfg(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, head_size=c.head_size,
                          hidden=mlp.proj.weight.size(1), vocab=c.vocab_size, block_size=c.block_size,
                          layernorm=int(c.norm == "layernorm"), pre_norm=int(c.norm_placement == "pre"),
-                         swiglu=int(mlp.swiglu), pos_kind={"learned": 1, "sinusoidal": 1, "rope": 2}.get(c.pos_emb, 0),
-                         bf16=int(mat_dtype == torch.bfloat16), eps=c.norm_eps)
+                         swiglu=int(c.mlp == "swiglu"), pos_kind={"learned": 1, "sinusoidal": 1, "rope": 2}.get(c.pos_emb, 0),
+                         bf16=int(mat_dtype == torch.bfloat16), eps=c.norm_eps, n_kv_head=c.n_kv_heads,
+                         window=c.sliding_window, window_alternate=int(c.window_pattern == "alternate"),
+                         relu2=int(c.mlp == "relu2"), softcap=c.logit_softcap)
         self._ccfg_ref = ctypes.byref(self.ccfg)  # made once: it is an argument of every step
         self._keep: list[torch.Tensor] = []  # every tensor a pointer refers to
 
@@ -176,7 +184,9 @@ class FusedDecoder:
         for blk in model.blocks:
             a, m = blk.attn, blk.mlp
             ptrs += [*norm(blk.ln_1), mat(a.qkv.weight), small(a.qkv.bias), mat(a.proj.weight), small(a.proj.bias),
-                     *norm(blk.ln_2), mat(m.fc.weight), small(m.fc.bias), mat(m.proj.weight), small(m.proj.bias)]
+                     *norm(blk.ln_2), mat(m.fc.weight), small(m.fc.bias), mat(m.proj.weight), small(m.proj.bias),
+                     small(a.q_norm.weight if a.q_norm is not None else None),
+                     small(a.k_norm.weight if a.k_norm is not None else None), small(a.sinks)]
         self.weights = (ctypes.c_void_p * len(ptrs))(*ptrs)
 
     def _ptr(self, t: torch.Tensor) -> int:
@@ -185,7 +195,7 @@ class FusedDecoder:
 
     def new_state(self, batch_size: int, device=None) -> FusedState:
         c = self.cfg
-        shape = (c.n_layer, batch_size, c.n_head, c.block_size, c.head_size)
+        shape = (c.n_layer, batch_size, c.n_kv_heads, c.block_size, c.head_size)
         n_scratch = self.lib.pico_scratch_floats(self._ccfg_ref, batch_size)
         return FusedState(torch.zeros(shape), torch.zeros(shape), torch.zeros(n_scratch),
                           torch.empty(batch_size, 1, c.vocab_size))

@@ -11,7 +11,10 @@
    model holds them; norms, biases and position tables come as float32. Activations, the KV cache and all
    accumulation are float32. The math follows models/transformer.py line by line: pre- or post-norm,
    RMSNorm or LayerNorm, RoPE ("rotate half" pairs i, i + hs/2), learned or sinusoidal positions, GELU
-   (erf) or SwiGLU MLP, optional biases. */
+   (erf), SwiGLU or ReLU^2 MLP, optional biases; grouped-query attention (n_kv_head kv heads, each serving
+   n_head / n_kv_head consecutive query heads), sliding windows (every layer, or the even ones),
+   QK-norm (RMSNorm over each q and k head before RoPE), attention sinks and logit soft-capping.
+   A mixture of experts is not served here (fused.py says so and PyTorch decodes it). */
 
 #include <math.h>
 #include <stdint.h>
@@ -24,19 +27,26 @@ typedef struct {
     int32_t n_layer, n_head, n_embd, head_size, hidden, vocab, block_size;
     int32_t layernorm;  /* 0: RMSNorm, 1: LayerNorm */
     int32_t pre_norm;   /* 1: pre-norm (with a final norm), 0: post-norm */
-    int32_t swiglu;     /* 1: SwiGLU (fc holds gate then up, 2*hidden rows), 0: GELU */
+    int32_t swiglu;     /* 1: SwiGLU (fc holds gate then up, 2*hidden rows), 0: GELU or ReLU^2 */
     int32_t pos_kind;   /* 0: none, 1: learned or sinusoidal table added to the embedding, 2: RoPE */
     int32_t bf16;       /* matmul weights are bfloat16 (else float32) */
     float eps;
+    int32_t n_kv_head;  /* key/value heads (n_head: multi-head attention) */
+    int32_t window;     /* 0: full attention; W: a query sees its last W keys */
+    int32_t window_alternate;  /* 1: only even layers slide */
+    int32_t relu2;      /* 1: ReLU^2 MLP (with swiglu 0) */
+    float softcap;      /* 0: off; else logits = softcap * tanh(logits / softcap) */
 } PicoCfg;
 
 /* Weight pointers, in this order (NULL where the model has none):
    global  0 wte (V, C)  1 position table (block, C)  2 rope cos (block, hs/2)  3 rope sin
            4 final norm weight  5 final norm bias  6 head (V, C)
-   layer l, at 7 + 12 l:  0 ln_1.w  1 ln_1.b  2 qkv.w (3C, C)  3 qkv.b  4 proj.w (C, C)  5 proj.b
-           6 ln_2.w  7 ln_2.b  8 fc.w (H or 2H, C)  9 fc.b  10 mlp proj.w (C, H)  11 mlp proj.b */
+   layer l, at 7 + 15 l:  0 ln_1.w  1 ln_1.b  2 qkv.w ((nh + 2 nkv) hs, C)  3 qkv.b  4 proj.w (C, C)  5 proj.b
+           6 ln_2.w  7 ln_2.b  8 fc.w (H or 2H, C)  9 fc.b  10 mlp proj.w (C, H)  11 mlp proj.b
+           12 q_norm.w (hs)  13 k_norm.w (hs)  14 sinks (nh) */
 enum { W_WTE, W_POS, W_COS, W_SIN, W_LNF, W_LNF_B, W_HEAD, N_GLOBAL };
-enum { L_LN1, L_LN1_B, L_QKV, L_QKV_B, L_PROJ, L_PROJ_B, L_LN2, L_LN2_B, L_FC, L_FC_B, L_MPROJ, L_MPROJ_B, N_PER_LAYER };
+enum { L_LN1, L_LN1_B, L_QKV, L_QKV_B, L_PROJ, L_PROJ_B, L_LN2, L_LN2_B, L_FC, L_FC_B, L_MPROJ, L_MPROJ_B,
+       L_QNORM, L_KNORM, L_SINKS, N_PER_LAYER };
 
 /* pico_forward's return codes, one per cause; fused.py names each (keep the two lists in step). */
 enum {
@@ -146,8 +156,8 @@ static void rope(float *v, const float *cos, const float *sin, int half) {
 
 /* Scratch floats needed for batch B: see the carve-up at the top of pico_forward. */
 int64_t pico_scratch_floats(const PicoCfg *c, int B) {
-    int64_t C = c->n_embd, H = c->hidden;
-    return (int64_t)B * (5 * C + 3 * C + 2 * H) + c->block_size;
+    int64_t C = c->n_embd, H = c->hidden, QKV = (int64_t)(c->n_head + 2 * c->n_kv_head) * c->head_size;
+    return (int64_t)B * (5 * C + QKV + 2 * H) + c->block_size;
 }
 
 /* PICO_OK when every weight the configuration reads is there, else PICO_MISSING_WEIGHT. */
@@ -164,12 +174,12 @@ static int check_weights(const PicoCfg *c, const void *const *w) {
 }
 
 /* Feed tokens (B, T) (row-major int64) at positions pos0 .. pos0+T-1 into the KV caches k, v (each
-   (L, B, nh, block, hs) float32) and write the logits of the last position to logits (B, V).
+   (L, B, n_kv_head, block, hs) float32) and write the logits of the last position to logits (B, V).
    Returns PICO_OK, or the PICO_* code of the first problem found (nothing is written then). */
 int pico_forward(const PicoCfg *c, const void *const *w, float *kc, float *vc, float *scratch,
                  const int64_t *tokens, int B, int T, int pos0, float *logits) {
-    const int C = c->n_embd, nh = c->n_head, hs = c->head_size, H = c->hidden, L = c->n_layer;
-    const int bf = c->bf16, half = hs / 2;
+    const int C = c->n_embd, nh = c->n_head, nkv = c->n_kv_head, hs = c->head_size, H = c->hidden, L = c->n_layer;
+    const int bf = c->bf16, half = hs / 2, QKV = (nh + 2 * nkv) * hs, group = nh / nkv;
     if (T < 1 || B < 1) return PICO_NO_TOKENS;
     if (pos0 < 0 || pos0 + T > c->block_size) return PICO_BAD_POSITION;
     for (int64_t i = 0; i < (int64_t)B * T; i++)
@@ -181,8 +191,8 @@ int pico_forward(const PicoCfg *c, const void *const *w, float *kc, float *vc, f
     float *y = xn + B * C;       /* (B, C) attention output before the projection */
     float *a = y + B * C;        /* (B, C) sublayer output */
     float *t = a + B * C;        /* (B, C) post-norm sum */
-    float *qkv = t + B * C;      /* (B, 3C) */
-    float *h = qkv + 3 * B * C;  /* (B, 2H) */
+    float *qkv = t + B * C;      /* (B, (nh + 2 nkv) hs) */
+    float *h = qkv + (size_t)B * QKV;  /* (B, 2H) */
     float *att = h + 2 * B * H;  /* (block) attention scores of one head */
     const float scale = 1.0f / sqrtf((float)hs);
     const size_t head_stride = (size_t)c->block_size * hs;
@@ -205,34 +215,40 @@ int pico_forward(const PicoCfg *c, const void *const *w, float *kc, float *vc, f
                 else
                     memcpy(xn + b * C, x + b * C, sizeof(float) * C);
             }
-            matvec(qkv, lw[L_QKV], bf, lw[L_QKV_B], xn, B, 3 * C, C);
+            matvec(qkv, lw[L_QKV], bf, lw[L_QKV_B], xn, B, QKV, C);
+            const int W = (c->window && !(c->window_alternate && (l % 2))) ? c->window : 0;
+            const int first = W && pos - W + 1 > 0 ? pos - W + 1 : 0;  /* the oldest key this query sees */
+            const float *sinks = (const float *)lw[L_SINKS];
             for (int b = 0; b < B; b++) {
-                float *q = qkv + (size_t)b * 3 * C, *k = q + C, *v = q + 2 * C;
+                float *q = qkv + (size_t)b * QKV, *k = q + nh * hs, *v = k + nkv * hs;
+                for (int hd = 0; hd < nh + nkv; hd++) {  /* q heads, then k heads: norm, rotate */
+                    float *r = q + hd * hs;  /* k follows q, so k head j is q + (nh + j) hs */
+                    if (lw[L_QNORM]) norm(r, r, hd < nh ? lw[L_QNORM] : lw[L_KNORM], NULL, hs, 0, c->eps);
+                    if (c->pos_kind == 2)
+                        rope(r, (const float *)w[W_COS] + (size_t)pos * half,
+                             (const float *)w[W_SIN] + (size_t)pos * half, half);
+                }
+                for (int kh = 0; kh < nkv; kh++) {
+                    size_t base = (((size_t)l * B + b) * nkv + kh) * head_stride;
+                    memcpy(kc + base + (size_t)pos * hs, k + kh * hs, sizeof(float) * hs);
+                    memcpy(vc + base + (size_t)pos * hs, v + kh * hs, sizeof(float) * hs);
+                }
                 for (int hd = 0; hd < nh; hd++) {
-                    if (c->pos_kind == 2) {
-                        const float *cs = (const float *)w[W_COS] + (size_t)pos * half;
-                        const float *sn = (const float *)w[W_SIN] + (size_t)pos * half;
-                        rope(q + hd * hs, cs, sn, half);
-                        rope(k + hd * hs, cs, sn, half);
-                    }
-                    size_t base = (((size_t)l * B + b) * nh + hd) * head_stride;
-                    float *kh = kc + base, *vh = vc + base;
-                    memcpy(kh + (size_t)pos * hs, k + hd * hs, sizeof(float) * hs);
-                    memcpy(vh + (size_t)pos * hs, v + hd * hs, sizeof(float) * hs);
-                    const float *qh = q + hd * hs;
-                    float mx = -INFINITY;
-                    for (int j = 0; j <= pos; j++) {
+                    size_t base = (((size_t)l * B + b) * nkv + hd / group) * head_stride;
+                    const float *kh = kc + base, *vh = vc + base, *qh = q + hd * hs;
+                    float mx = sinks ? sinks[hd] : -INFINITY;
+                    for (int j = first; j <= pos; j++) {
                         att[j] = dot_f32(qh, kh + (size_t)j * hs, hs) * scale;
                         if (att[j] > mx) mx = att[j];
                     }
-                    float sum = 0.0f;
-                    for (int j = 0; j <= pos; j++) {
+                    float sum = sinks ? expf(sinks[hd] - mx) : 0.0f;  /* a sink joins the denominator only */
+                    for (int j = first; j <= pos; j++) {
                         att[j] = expf(att[j] - mx);
                         sum += att[j];
                     }
                     float *yh = y + (size_t)b * C + hd * hs;
                     memset(yh, 0, sizeof(float) * hs);
-                    for (int j = 0; j <= pos; j++) {
+                    for (int j = first; j <= pos; j++) {
                         const float p = att[j] / sum, *vj = vh + (size_t)j * hs;
                         for (int i = 0; i < hs; i++) yh[i] += p * vj[i];
                     }
@@ -261,6 +277,9 @@ int pico_forward(const PicoCfg *c, const void *const *w, float *kc, float *vc, f
                         dst[i] = g / (1.0f + expf(-g)) * u;
                     }
                 }
+            } else if (c->relu2) {
+                matvec(h, lw[L_FC], bf, lw[L_FC_B], xn, B, H, C);
+                for (int i = 0; i < B * H; i++) h[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;
             } else {
                 matvec(h, lw[L_FC], bf, lw[L_FC_B], xn, B, H, C);
                 for (int i = 0; i < B * H; i++) h[i] = 0.5f * h[i] * (1.0f + erff(h[i] * 0.70710678118654752f));
@@ -282,5 +301,7 @@ int pico_forward(const PicoCfg *c, const void *const *w, float *kc, float *vc, f
             memcpy(xn + b * C, x + b * C, sizeof(float) * C);
     }
     matvec(logits, w[W_HEAD], bf, NULL, xn, B, c->vocab, C);
+    if (c->softcap > 0.0f)
+        for (int64_t i = 0; i < (int64_t)B * c->vocab; i++) logits[i] = c->softcap * tanhf(logits[i] / c->softcap);
     return PICO_OK;
 }

@@ -15,7 +15,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from tqdm import tqdm
@@ -27,8 +27,9 @@ from ..data.corpus import Corpus, data_line
 from ..data.tokenizers import load_tokenizer
 from ..device import autocast_factory, dtype_name, resolve_device, resolve_precision
 from ..errors import PicoError
-from ..metrics import evaluate_sources, lm_loss
+from ..metrics import evaluate_sources, lm_loss, moe_aux_loss
 from ..models import build_model, num_params
+from ..models.transformer import MoE
 from .compile import maybe_compile
 from .distributed import (
     Dist,
@@ -52,6 +53,33 @@ MetricsSink = Callable[[list[dict]], None]  # receives the records metrics.jsonl
 # ----------------------------------------------------------------------------- one optimizer step
 
 
+class RouterTap:
+    """The router logits of a model's mixture-of-experts layers, read from their hook_router points
+    while recording (the training forward; evaluation and generation pass through untouched)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.moe = [m for m in model.modules() if isinstance(m, MoE)]
+        self.k = self.moe[0].k if self.moe else 0
+        self.logits: list[torch.Tensor] = []
+        self.on = False
+        for m in self.moe:  # registered before any torch.compile, which then traces them
+            m.hook_router.register_forward_hook(self._keep)
+
+    def _keep(self, _module, _args, out):
+        if self.on:
+            self.logits.append(out)
+
+    def loss(self, forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward()'s result, the load-balancing loss of that forward's routing)."""
+        self.on, self.logits = True, []
+        try:
+            out = forward()
+        finally:
+            self.on = False
+        logits, self.logits = self.logits, []
+        return out, moe_aux_loss(logits, self.k)
+
+
 @dataclass
 class Stepper:
     """What one optimizer step needs. `net` is what the step calls: the model itself, or DDP and/or
@@ -68,6 +96,8 @@ class Stepper:
     grad_accum_steps: int = 1
     grad_clip: float = 1.0
     padded: bool = False
+    router: Optional[RouterTap] = None  # a mixture of experts: its load-balancing loss joins the LM loss
+    aux_weight: float = 0.0
 
     @property
     def ddp(self) -> bool:
@@ -79,30 +109,43 @@ def count_targets(y: torch.Tensor, padded: bool) -> int:
     return int((y != IGNORE_INDEX).sum()) if padded else y.numel()
 
 
-def train_step(s: Stepper, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, int]:
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # the batch's mean LM loss, a device tensor (no host sync)
+    targets: int  # its number of targets
+    aux_loss: Optional[torch.Tensor]  # the mixture of experts' load-balancing loss (None without experts)
+
+
+def train_step(s: Stepper, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepResult:
     """One optimizer step on the global batch (x, y): this rank's micro-batches forward and backward
-    (gradients synchronised once, at the last), clip, step. Returns (the batch's mean loss as a device
-    tensor, so no host sync; its number of targets)."""
+    (gradients synchronised once, at the last), clip, step. With experts, the loss minimised is the LM
+    loss + aux_weight x the load-balancing loss; the two are reported apart."""
     set_lr(s.optimizer, lr)
     n_tok = count_targets(y, s.padded)
     micro = micro_batches(x, y, s.dist, s.grad_accum_steps)
     step_loss = torch.zeros((), device=s.device)
+    step_aux = torch.zeros((), device=s.device) if s.router is not None else None
     for k, (xm, ym) in enumerate(micro):
         share = count_targets(ym, s.padded) / max(1, n_tok)  # of the global batch's targets; all shares sum to 1
         xm, ym = xm.to(s.device, non_blocking=True), ym.to(s.device, non_blocking=True)
         with s.net.no_sync() if s.ddp and k < len(micro) - 1 else nullcontext():
             with s.autocast():
-                logits = s.net(xm)
+                if s.router is not None:
+                    logits, aux = s.router.loss(lambda: s.net(xm))  # noqa: B023 (called at once)
+                else:
+                    logits, aux = s.net(xm), None
             loss = lm_loss(logits, ym) if share > 0 else logits.sum() * 0.0
-            s.scaler.scale(loss * (share * s.dist.world_size)).backward()  # x world_size: DDP averages ranks
+            total = loss if aux is None else loss + s.aux_weight * aux
+            s.scaler.scale(total * (share * s.dist.world_size)).backward()  # x world_size: DDP averages ranks
         step_loss = step_loss + loss.detach() * share
+        if aux is not None:
+            step_aux = step_aux + aux.detach() / len(micro)
     if s.grad_clip > 0:
         s.scaler.unscale_(s.optimizer)
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.grad_clip)
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.optimizer.zero_grad(set_to_none=True)
-    return step_loss, n_tok
+    return StepResult(step_loss, n_tok, step_aux)
 
 
 # ----------------------------------------------------------------------------- a run's state
@@ -173,10 +216,13 @@ class MetricsLog:
     def __init__(self, run: Run, sinks: list[MetricsSink], bar: tqdm):
         self.run, self.sinks, self.bar = run, sinks, bar
         self.pending: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss, targets, lr)
+        self.aux: list[torch.Tensor] = []  # the steps' load-balancing losses (a mixture of experts)
         self.window_t = time.perf_counter()
 
-    def add(self, step: int, loss: torch.Tensor, n_tok: int, lr: float) -> None:
+    def add(self, step: int, loss: torch.Tensor, n_tok: int, lr: float, aux: Optional[torch.Tensor] = None) -> None:
         self.pending.append((step, loss, n_tok, lr))
+        if aux is not None:
+            self.aux.append(aux)
 
     def write(self, records: list[dict]) -> None:
         if self.run.dist.main:
@@ -204,8 +250,14 @@ class MetricsLog:
         if bad:
             where = f"{self.run.run_dir} (step {st.last_checkpoint})" if st.last_checkpoint is not None else "none yet"
             raise PicoError(f"loss is {bad[0][1]} at step {bad[0][0]}; stopping. Last good checkpoint: {where}")
-        self.write([{"step": p[0], "train_loss": v, "lr": p[3], "tokens_per_s": tps, "elapsed": st.elapsed}
-                    for p, v in zip(self.pending, losses)])
+        records = [{"step": p[0], "train_loss": v, "lr": p[3], "tokens_per_s": tps, "elapsed": st.elapsed}
+                   for p, v in zip(self.pending, losses)]
+        if self.aux:  # each rank's own routing: averaged over ranks
+            aux = (all_reduce_sum(torch.stack(self.aux), self.run.dist) / self.run.dist.world_size).tolist()
+            for r, a in zip(records, aux):
+                r["aux_loss"] = a
+            self.aux.clear()
+        self.write(records)
         self.bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tps:,.0f}")
         self.bar.update(len(self.pending))
         self.pending.clear()
@@ -284,6 +336,7 @@ def _open_run(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConf
 
 
 def make_stepper(run: Run, say: Callable[[str], None]) -> Stepper:
+    router = RouterTap(run.model)  # before DDP and compile wrap the model
     net = wrap_ddp(run.model, run.dist, run.device) if run.dist.ddp else run.model
     if run.train_cfg.compile:
         net = maybe_compile(net, say)
@@ -291,7 +344,8 @@ def make_stepper(run: Run, say: Callable[[str], None]) -> Stepper:
     scaler = torch.amp.GradScaler(run.device.split(":")[0], enabled=run.amp_dtype == torch.float16)
     t = run.train_cfg
     return Stepper(run.model, net, run.optimizer, scaler, autocast_factory(run.device, run.amp_dtype), run.device,
-                   run.dist, t.grad_accum_steps, t.grad_clip, run.data_cfg.batching == "padded")
+                   run.dist, t.grad_accum_steps, t.grad_clip, run.data_cfg.batching == "padded",
+                   router if router.moe else None, t.moe_aux_weight)
 
 
 def describe(run: Run, device_id: str) -> str:
@@ -346,9 +400,9 @@ def _train_loop(run: Run, stop_at_step: Optional[int], progress: bool, say: Call
                 break
             lr = lr_at(st.step, run.total_steps, cfg)
             x, y = run.batcher.next_batch()  # the global batch, the same rows on every rank
-            loss, n_tok = train_step(stepper, x, y, lr)
+            loss, n_tok, aux = train_step(stepper, x, y, lr)
             st.step += 1
-            metrics.add(st.step, loss, n_tok, lr)
+            metrics.add(st.step, loss, n_tok, lr, aux)
             boundary = (cfg.eval_interval and st.step % cfg.eval_interval == 0) \
                 or st.step % run.steps_per_epoch == 0 or st.step == run.total_steps
             if st.step % cfg.log_interval == 0 or boundary:
