@@ -91,6 +91,12 @@ def hf_architecture(cfg: ModelConfig) -> str:
 # ----------------------------------------------------------------------------- configs
 
 
+def _common(cfg: ModelConfig, eot_id: int) -> dict:
+    """The config keys every exported class shares."""
+    return {"tie_word_embeddings": cfg.tie_weights, "bos_token_id": eot_id, "eos_token_id": eot_id,
+            "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32"}
+
+
 def llama_config(cfg: ModelConfig, eot_id: int) -> dict:
     return {
         "architectures": [LLAMA],
@@ -111,13 +117,8 @@ def llama_config(cfg: ModelConfig, eot_id: int) -> dict:
         "attention_bias": cfg.bias,
         "mlp_bias": cfg.bias,
         "attention_dropout": cfg.dropout,
-        "tie_word_embeddings": cfg.tie_weights,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "initializer_range": 0.02,
         "pretraining_tp": 1,
-        "use_cache": True,
-        "torch_dtype": "float32",
+        **_common(cfg, eot_id),
     }
 
 
@@ -151,12 +152,7 @@ def gpt_oss_config(cfg: ModelConfig, eot_id: int) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "attention_bias": cfg.bias,
         "attention_dropout": cfg.dropout,
-        "tie_word_embeddings": cfg.tie_weights,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "torch_dtype": "float32",
+        **_common(cfg, eot_id),
     }
 
 
@@ -179,12 +175,7 @@ def gpt2_config(cfg: ModelConfig, eot_id: int) -> dict:
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": cfg.tie_weights,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "torch_dtype": "float32",
+        **_common(cfg, eot_id),
     }
 
 
