@@ -9,6 +9,7 @@ both sides of each ratio alike.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import os
 import statistics
@@ -109,19 +110,20 @@ def t4_model_configs() -> dict[str, ModelConfig]:
     }
 
 
-def _trainer(model, device: str, precision: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _trainer(model, device: str, precision: str, optimizer: str = "auto") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(x, y) -> loss: one optimizer step at lr 1e-3 through the training loop's own train_step (autocast,
-    loss scaling where fp16, clipping, no host sync)."""
+    loss scaling where fp16, clipping, no host sync), with `pico-llm train`'s default optimizer (Muon for
+    our Transformer) unless one is named (the plain reference GPT: AdamW)."""
     amp = resolve_precision(precision, device)
-    opt = make_optimizer(model, TrainConfig(learning_rate=1e-3, warmup_steps=0), device)
+    opt = make_optimizer(model, TrainConfig(learning_rate=1e-3, warmup_steps=0, optimizer=optimizer), device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=amp == torch.float16)
     stepper = Stepper(model, model, opt, scaler, autocast_factory(device, amp), device)
     return lambda x, y: train_step(stepper, x, y, 1e-3)[0]
 
 
-def _train_step_fn(model, data: torch.Tensor, batch: int, device: str, precision: str):
+def _train_step_fn(model, data: torch.Tensor, batch: int, device: str, precision: str, optimizer: str = "auto"):
     """A closure doing one training step on the next `batch` rows of `data` (a fixed token tensor)."""
-    step_on = _trainer(model, device, precision)
+    step_on = _trainer(model, device, precision, optimizer)
     T = T4["block_size"]
     i = [0]
 
@@ -149,7 +151,7 @@ def bench_train(device: str, quick: bool, precision: str = "auto", compile: bool
     ref_mod = _load_bench_module("reference_gpt")
     if ref_mod is not None:
         models["reference_gpt"] = ref = ref_mod.ReferenceGPT(V, T, T4["n_layer"], T4["n_head"], T4["n_embd"]).to(device)
-        fns["reference_gpt"] = _train_step_fn(ref, data, T4_BATCH, device, "fp32")
+        fns["reference_gpt"] = _train_step_fn(ref, data, T4_BATCH, device, "fp32", "adamw")
     t = _interleaved_medians(fns, repeats, sync, warmup)
     out = {}
     for name, model in models.items():
@@ -161,6 +163,48 @@ def bench_train(device: str, quick: bool, precision: str = "auto", compile: bool
         out["reference_gpt"] = {"tokens_per_s": None}
     else:
         out["transformer"]["speedup_vs_reference"] = out["transformer"]["tokens_per_s"] / out["reference_gpt"]["tokens_per_s"]
+    return out
+
+
+VARIANTS = {  # the Transformer variants bench_variants times against the dense T4 model (pico preset)
+    "dense": {},
+    "gqa": dict(n_kv_heads=2),  # 2 kv heads for 4 query heads
+    "mqa": dict(n_kv_heads=1),
+    "moe": dict(n_experts=4, experts_per_token=1),  # equal active parameters: each expert as wide as the MLP
+    "moe_top2": dict(n_experts=4, experts_per_token=2),
+}
+
+
+def bench_variants(device: str, quick: bool, precision: str = "auto") -> dict:
+    """Training tokens/s (train_step, T4, batch 8) and decode tokens/s (128 new tokens after a 16-token
+    prompt, top-p 0.95, batch 1, through `generate`'s default decode step) of GQA, MQA and MoE next to
+    the dense T4 Transformer, each in interleaved rounds; the ratios are to dense."""
+    torch.manual_seed(0)
+    V, T = T4["vocab_size"], T4["block_size"]
+    data = torch.randint(V, (64, T + 1), device=device)
+    base = t4_model_configs()["transformer"]
+    models = {name: build_model(dataclasses.replace(base, **fields)).to(device) for name, fields in VARIANTS.items()}
+    train_fns = {name: _train_step_fn(m, data, T4_BATCH, device, precision) for name, m in models.items()}
+    t_train = _interleaved_medians(train_fns, 3 if quick else 8, _sync_for(device), warmup=2)
+    dtype = resolve_precision(precision, device)
+    prompt = torch.randint(V, (1, 16), device=device)
+    scfg = SampleConfig(max_new_tokens=128, top_p=0.95, seed=0)
+    decoders = {}
+    gen_fns = {}
+    for name, m in models.items():
+        m.eval()
+        low = m if dtype is None else copy.deepcopy(m).to(dtype)
+        decoders[name] = "torch" if fused_unavailable(low) else "fused"
+        gen_fns[name] = lambda low=low: generate(low, prompt, scfg)
+    t_gen = _interleaved_medians(gen_fns, 3 if quick else 5, _sync_for(device))
+    out = {}
+    for name, m in models.items():
+        out[name] = {"params": num_params(m), "train_tokens_per_s": T4_BATCH * T / t_train[name],
+                     "decode_tokens_per_s": scfg.max_new_tokens / t_gen[name], "decoder": decoders[name],
+                     "flops_per_token": m.flops_per_token()}
+    for r in out.values():
+        r["train_vs_dense"] = r["train_tokens_per_s"] / out["dense"]["train_tokens_per_s"]
+        r["decode_vs_dense"] = r["decode_tokens_per_s"] / out["dense"]["decode_tokens_per_s"]
     return out
 
 
@@ -182,7 +226,7 @@ def bench_quality(device: str, steps: int) -> tuple[dict, torch.nn.Module]:
             precision = "fp32"
         else:
             continue
-        train_step = _trainer(model, device, precision)
+        train_step = _trainer(model, device, precision, "auto" if name == "transformer" else "adamw")
         batcher = Batcher(corpus.sources, T4["block_size"], T4_BATCH, seed=0)
         model.train()
         for _ in range(steps):
@@ -348,6 +392,8 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
     res["quality"], trained = bench_quality(device, QUALITY_STEPS[quick])
     log("generation ...")
     res["generate"] = bench_generate(device, quick, precision, trained)
+    log("Transformer variants (GQA, MQA, MoE) ...")
+    res["variants"] = bench_variants(device, quick, precision)
     log("k-gram vs the starter's loop ...")
     res["kgram_vs_loop"] = bench_kgram_vs_loop(quick, precision)
     log("tokenizer throughput ...")
@@ -382,6 +428,12 @@ def format_report(res: dict) -> str:
         lines.append(f"  vs HF generate: fp32 {g['hf_tokens_per_s']:,.0f} tok/s ({g['kv_cache_vs_hf']:.1f}x), "
                      f"{g['precision']} {g['hf_same_precision_tokens_per_s']:,.0f} ({g['kv_cache_vs_hf_same_precision']:.1f}x); "
                      f"ours in fp32 {g['kv_cache_fp32_tokens_per_s']:,.0f} ({g['fp32_vs_hf_fp32']:.1f}x HF fp32)")
+    lines += ["", "| variant (T4) | params | train tokens/s | vs dense | decode tokens/s | vs dense | decode step |",
+              "|---|---|---|---|---|---|---|"]
+    for name, r in res["variants"].items():
+        lines.append(f"| {name} | {r['params']:,} | {r['train_tokens_per_s']:,.0f} | {r['train_vs_dense']:.2f}x | "
+                     f"{r['decode_tokens_per_s']:,.0f} | {r['decode_vs_dense']:.2f}x | {r['decoder']} |")
+    lines.append("")
     kg = res["kgram_vs_loop"]
     if kg.get("ratio"):
         lines.append(f"k-gram fwd+bwd: {kg['ours_s'] * 1e3:.1f} ms vs starter loop {kg['loop_s']:.1f} s ({kg['ratio']:,.0f}x)")

@@ -24,6 +24,7 @@ MLPS = ("gelu", "swiglu", "relu2", "swiglu_oss")  # swiglu_oss: gpt-oss's clampe
 WINDOW_PATTERNS = ("all", "alternate")  # which layers slide: every one, or the even ones (gpt-oss: 0, 2, ...)
 KGRAM_VARIANTS = ("onehot", "embedding", "conv")
 LR_SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("auto", "adamw", "muon")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Architecture styles (sizes come from n_layer / n_head / n_embd). Explicit flags override these.
@@ -222,6 +223,7 @@ class TrainConfig(_JSON):
     batch_size: int = 16  # the global batch: rows per optimizer step, whatever the number of processes
     grad_accum_steps: int = 1  # micro-batches per step and process: batch_size / (world_size * grad_accum_steps) rows
     learning_rate: float = 3e-3
+    optimizer: str = "auto"  # auto (muon for the Transformer, adamw for the others) | adamw | muon (training/optim.py)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -254,9 +256,15 @@ class TrainConfig(_JSON):
         _check(self.moe_aux_weight >= 0, f"--moe_aux_weight must be >= 0, got {self.moe_aux_weight}")
         _check(self.log_interval >= 1, f"--log_interval must be >= 1, got {self.log_interval}")
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("precision", self.precision, PRECISIONS)
         _check(self.prompt != "", "--prompt must not be empty")
         _check(self.max_new_tokens >= 1, "--max_new_tokens must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """A config.json written before --optimizer has none: its run trained with AdamW."""
+        return super().from_dict({"optimizer": "adamw", **d})
 
 
 @dataclass

@@ -26,6 +26,7 @@ from .config import (
     MODELS,
     NORM_PLACEMENTS,
     NORMS,
+    OPTIMIZERS,
     POS_EMBS,
     PRECISIONS,
     PRESETS,
@@ -184,6 +185,9 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
       "micro-batches per step in each process, batch_size / (processes x this) rows each "
       "(with --resume, changes the run's)"),
     F("learning_rate", "training", float, 3e-3),
+    F("optimizer", "training", default="auto", values=OPTIMIZERS,
+      help="auto: muon for the Transformer, adamw for the others; muon: torch.optim.Muon on the Transformer "
+           "blocks' matrices, AdamW on the rest"),
     F("weight_decay", "training", float, 0.1),
     F("warmup_steps", "training", int, 20),
     F("lr_schedule", "training", default="cosine", values=LR_SCHEDULES, help="cosine: warmup + cosine decay"),
@@ -292,6 +296,7 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
     prompt = a.prompt if a.prompt is not None else NUMBERS_PROMPT if a.dataset == "numbers" else DEFAULT_PROMPT
     return TrainConfig(epochs=epochs, max_steps_per_epoch=a.max_steps_per_epoch, batch_size=a.batch_size,
                        grad_accum_steps=a.grad_accum_steps, learning_rate=a.learning_rate,
+                       optimizer=a.optimizer,
                        weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, lr_schedule=a.lr_schedule,
                        grad_clip=a.grad_clip, moe_aux_weight=a.moe_aux_weight, eval_interval=a.eval_interval, eval_batches=a.eval_batches,
                        log_interval=a.log_interval, device=a.device_id, precision=a.precision, compile=a.compile,
@@ -330,6 +335,9 @@ def configs_from_args(a: argparse.Namespace):
     check_output_dir(a.output_dir)
     data, train = data_config(a), train_config(a)
     models = {m: resolve_model_config(preset=a.preset, model=m, **model_flags(a)) for m in names}
+    if train.optimizer == "muon" and names != ["transformer"]:
+        raise PicoError("--optimizer muon is for the Transformer's hidden matrices; train "
+                        f"{', '.join(n for n in names if n != 'transformer')} with --optimizer adamw (a separate run)")
     return names, models, data, train
 
 

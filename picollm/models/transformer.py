@@ -2,13 +2,16 @@
 functions / small modules, then attention, MLP, block, and the model with its KV cache.
 
 Every architectural choice is a ModelConfig field: pos_emb (none | learned | sinusoidal | rope),
-norm (rmsnorm | layernorm), norm_placement (pre | post), mlp (gelu | swiglu), bias, tie_weights.
+norm (rmsnorm | layernorm), norm_placement (pre | post), mlp (gelu | swiglu | relu2 | swiglu_oss), bias,
+tie_weights; attention: n_kv_heads (grouped-query), sliding_window and window_pattern, attn_sinks, qk_norm;
+logit_softcap; n_experts and experts_per_token (a mixture of experts instead of the dense MLP).
 
 Hook points (hooks.py; TransformerLens names, shapes for a forward over T tokens):
   hook_embed                  (B, T, C)  token embedding plus the learned / sinusoidal positions, before
                                          the embedding dropout (RoPE is applied to q and k instead)
   blocks.{i}.hook_resid_pre   (B, T, C)  the block's input
-  blocks.{i}.attn.hook_q/k/v  (B, nh, T, hs)  q and k after RoPE
+  blocks.{i}.attn.hook_q      (B, nh, T, hs)  q after QK-norm and RoPE
+  blocks.{i}.attn.hook_k/v    (B, n_kv_heads, T, hs)  k (after QK-norm and RoPE) and v, one per kv head
   blocks.{i}.attn.hook_pattern (B, nh, T, T_keys)  the softmax weights before dropout; hooking it
                                          switches that layer to the explicit softmax path
   blocks.{i}.attn.hook_z      (B, T, nh, hs)  each head's output before the output projection (every
@@ -18,6 +21,8 @@ Hook points (hooks.py; TransformerLens names, shapes for a forward over T tokens
                                          stream the MLP reads and adds to
   blocks.{i}.mlp.hook_pre     (B, T, H)  before the nonlinearity: fc(x) for gelu, the gate for swiglu
   blocks.{i}.mlp.hook_post    (B, T, H)  after it: gelu(fc(x)), or silu(gate) * up for swiglu
+                                         (an MoE: (n, H) per expert, over the n tokens routed to it)
+  blocks.{i}.mlp.hook_router  (B, T, E)  an MoE's router logits (the load-balancing loss reads them)
   blocks.{i}.hook_mlp_out     (B, T, C)  the MLP's output (after its dropout)
   blocks.{i}.hook_resid_post  (B, T, C)  the block's output (post-norm: after ln_2)
   ln_final.hook_normalized    (B, T, C)  what the head reads: ln_f's output (post-norm: the last block's)

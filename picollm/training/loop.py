@@ -43,7 +43,7 @@ from .distributed import (
     shared_corpus,
     wrap_ddp,
 )
-from .optim import lr_at, make_optimizer, set_lr
+from .optim import lr_at, make_optimizer, optimizer_name, set_lr
 from .stop import STOP
 from .summary import finish_run
 
@@ -355,7 +355,7 @@ def describe(run: Run, device_id: str) -> str:
     auto = " (auto)" if device_id.strip().lower() == "auto" else ""
     return (f"{run.model_cfg.model}: {num_params(run.model):,} parameters, {run.total_steps} steps "
             f"({t.epochs} epochs x {run.steps_per_epoch}), batch {t.batch_size}{layout}, device {run.device}{auto}, "
-            f"precision {dtype_name(run.amp_dtype)}, run {run.run_dir}")
+            f"precision {dtype_name(run.amp_dtype)}, optimizer {optimizer_name(run.model, t)}, run {run.run_dir}")
 
 
 # ----------------------------------------------------------------------------- the loop
