@@ -30,6 +30,7 @@ from .device import DEVICE_CHOICES, enable_transparent_huge_pages, resolve_devic
 from .errors import PicoError
 from .evaluate import evaluate_runs
 from .experiments.compare import compare_runs
+from .experiments.course import run_course
 from .experiments.report import write_report
 from .experiments.sweep import run_sweep
 from .experiments.tensorboard import tensorboard_sinks
@@ -421,6 +422,27 @@ def cmd_sae(a: argparse.Namespace) -> int:
     return a.sae_run(a)
 
 
+def course_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--quick", action="store_true", help="tiny models and few steps: a few minutes on 2 CPU cores")
+    c.add_argument("--data", nargs="+", default=["numbers"], metavar="numbers|tinystories|FILE",
+                   help="the corpus: the built-in numbers (default), tinystories (with --tinystories_path), or "
+                        "your text files (which also run the custom-corpus part)")
+    c.add_argument("--tinystories_path", default=None,
+                   help="a local TinyStories .txt/.parquet/.jsonl: the LSTM sanity check also runs on it")
+    c.add_argument("--output_dir", default="course", help="every part's runs and the report course.html go here")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a train flag for every run and sweep point, e.g. --set device_id=cuda (repeatable)")
+    c.add_argument("--only", default=None, help="comma-separated parts to run (default: all), e.g. lstm,topp")
+
+
+def cmd_course(a: argparse.Namespace) -> int:
+    with STOP:
+        run_course(a.output_dir, quick=a.quick, data=a.data, tinystories_path=a.tinystories_path,
+                   sets=tuple(a.set), only=a.only.split(",") if a.only else None, run=main,
+                   log=lambda m: print(m, file=sys.stderr, flush=True))
+    return STOP.exit_status()
+
+
 # --------------------------------------------------------------------------- the table
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -443,6 +465,7 @@ COMMANDS: tuple[Command, ...] = (
     ("compare", "overlaid loss curves and a table of runs; early-stopping and overfitting", compare_args, cmd_compare),
     ("report", "one self-contained HTML page for a run or a sweep", report_args, cmd_report),
     ("sae", "sparse autoencoders: sae train (on a hook point), sae report (features, contexts)", sae_args, cmd_sae),
+    ("course", "every question of the pico-llm course, run in order, in one HTML report", course_args, cmd_course),
 )
 
 

@@ -183,3 +183,9 @@ def test_muon_is_refused_for_other_families(tmp_path, capsys):
                  "--output_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--optimizer muon is for the Transformer" in err and "lstm" in err and err.count("\n") == 1
+
+
+def test_runs_from_before_the_optimizer_flag_keep_adamw():
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k != "optimizer"}  # a config.json of before
+    assert TrainConfig.from_dict(old).optimizer == "adamw"
+    assert TrainConfig().optimizer == "auto" and TrainConfig.from_dict(TrainConfig().to_dict()).optimizer == "auto"
