@@ -16,6 +16,7 @@ with the reason, and the others still run.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -778,8 +779,6 @@ nav ol { columns: 2; font-size: 14px; }
 
 
 def _img(path: str) -> str:
-    import base64
-
     with open(path, "rb") as f:
         return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
 

@@ -166,6 +166,35 @@ def _writer_class():
 
 
 
+def _write_metadata(w, cfg: ModelConfig, run_dir: str, file_type, eot_id: int, vocab) -> None:
+    """The model's shape and the tokenizer, as llama.cpp's llama architecture reads them."""
+    tokens, types, merges = vocab
+    w.add_name(os.path.basename(os.path.normpath(run_dir)))
+    w.add_file_type(file_type)
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(swiglu_hidden(cfg.n_embd))
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_key_length(cfg.head_size)
+    w.add_value_length(cfg.head_size)
+    w.add_rope_dimension_count(cfg.head_size)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_key_value(gguf.Keys.Tokenizer.MERGES, merges, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING)
+    w.add_bos_token_id(eot_id)
+    w.add_eos_token_id(eot_id)
+    w.add_eot_token_id(eot_id)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+
+
 def export_gguf(run_dir: str, out_file: str, *, dtype: str = "f32", overwrite: bool = False,
                 log: Callable[[str], None] = print) -> dict:
     """Writes out_file (one rename: a failed export leaves no file, and an old one intact); returns what
@@ -195,31 +224,7 @@ def export_gguf(run_dir: str, out_file: str, *, dtype: str = "f32", overwrite: b
     try:
         with atomic_path(out_file) as tmp:
             w = _writer_class()(tmp, ARCH)
-            w.add_name(os.path.basename(os.path.normpath(run_dir)))
-            w.add_file_type(file_type)
-            w.add_context_length(cfg.block_size)
-            w.add_embedding_length(cfg.n_embd)
-            w.add_block_count(cfg.n_layer)
-            w.add_feed_forward_length(swiglu_hidden(cfg.n_embd))
-            w.add_head_count(cfg.n_head)
-            w.add_head_count_kv(cfg.n_kv_heads)
-            w.add_key_length(cfg.head_size)
-            w.add_value_length(cfg.head_size)
-            w.add_rope_dimension_count(cfg.head_size)
-            w.add_rope_freq_base(cfg.rope_theta)
-            w.add_layer_norm_rms_eps(cfg.norm_eps)
-            w.add_vocab_size(cfg.vocab_size)
-            w.add_tokenizer_model("gpt2")
-            w.add_tokenizer_pre("gpt-2")
-            w.add_token_list(tokens)
-            w.add_token_types(types)
-            w.add_key_value(gguf.Keys.Tokenizer.MERGES, merges, gguf.GGUFValueType.ARRAY,
-                            sub_type=gguf.GGUFValueType.STRING)
-            w.add_bos_token_id(tokenizer.eot_id)
-            w.add_eos_token_id(tokenizer.eot_id)
-            w.add_eot_token_id(tokenizer.eot_id)
-            w.add_add_bos_token(False)
-            w.add_add_eos_token(False)
+            _write_metadata(w, cfg, run_dir, file_type, tokenizer.eot_id, (tokens, types, merges))
             for name, t in tensors.items():
                 data, raw, fb = _encoded(t, dtype)
                 if fb:
