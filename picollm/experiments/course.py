@@ -306,8 +306,8 @@ def kgram_reading(m: dict) -> str:
     better = "embedding" if e["test_loss"] < o["test_loss"] else "one-hot"
     return (f"One-hot inputs: test loss {_f(o['test_loss'])} with {o['params']:,} parameters; embedding inputs: "
             f"{_f(e['test_loss'])} with {e['params']:,}. The {better} variant is lower by "
-            f"{_f(abs(o['test_loss'] - e['test_loss']))} nats, and the one-hot input layer holds "
-            f"{o['params'] / max(1, e['params']):.1f}x the parameters (k x vocabulary inputs).")
+            f"{_f(abs(o['test_loss'] - e['test_loss']))} nats, and the one-hot model holds "
+            f"{o['params'] / max(1, e['params']):.1f}x the parameters (its first layer reads k x vocabulary inputs).")
 
 
 # -- 3. the RMSNorm Transformer with a KV cache
