@@ -16,7 +16,6 @@ with the reason, and the others still run.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
 import json
@@ -33,11 +32,11 @@ from .. import checkpoint as ckpt
 from ..config import SampleConfig
 from ..errors import PicoError
 from ..fsio import write_json, write_text
-from ..pages import esc, visible
+from ..pages import esc, png_data_uri, visible
 from ..sampling import generate
 from .compare import run_stats
-from .report import CSS
-from .sweep import RESULT_COLUMNS, _cell, parse_override, read_sweep, results
+from .report import CSS, _figure
+from .sweep import _cell, parse_override, read_sweep, result_columns, results
 
 REPORT = "course.html"
 Runner = Callable[[list[str]], int]  # runs one pico-llm command line (the CLI's main), returns its status
@@ -222,7 +221,7 @@ def _sweep_table(root: str) -> list[tuple[str, list[str], list[list[str]]]]:
     if not meta:
         return []
     rows = results(root, meta)
-    cols = meta["swept"] + [c for c in RESULT_COLUMNS if any(r.get(c) is not None for r in rows)]
+    cols = result_columns(rows, meta["swept"])
     return [("sweep results", [c.replace("_", " ") for c in cols], [[_cell(c, r.get(c)) for c in cols] for r in rows])]
 
 
@@ -781,9 +780,11 @@ nav ol { columns: 2; font-size: 14px; }
 """
 
 
-def _img(path: str) -> str:
+def _png_file(path: str) -> str:
+    """A PNG on disk as a data URI (pages.png_data_uri over the file's bytes)."""
     with open(path, "rb") as f:
-        return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+        data = f.read()
+    return png_data_uri(lambda buf: buf.write(data))
 
 
 def render(c: Course, sections: list[dict]) -> str:
@@ -813,8 +814,7 @@ def render(c: Course, sections: list[dict]) -> str:
                 h.append("<tr>" + "".join(f"<td class='sample'>{visible(str(x))}</td>" for x in r) + "</tr>")
             h.append("</tbody></table>")
         for path, caption in s["figures"]:
-            h.append(f"<figure><img src='{_img(path)}' alt='{esc(caption)}'><figcaption>{esc(caption)}</figcaption>"
-                     "</figure>")
+            h.append(_figure(_png_file(path), caption))
         h.append("</section>")
     h.append("</main></body></html>")
     return "\n".join(h)

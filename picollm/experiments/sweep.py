@@ -459,8 +459,13 @@ def _cell(key: str, v: Any) -> str:
     return _label(v)
 
 
+def result_columns(rows: list[dict], swept: list[str]) -> list[str]:
+    """The swept keys, then the result columns any row has a value in: a results table's columns."""
+    return swept + [c for c in RESULT_COLUMNS if any(r.get(c) is not None for r in rows)]
+
+
 def results_markdown(rows: list[dict], swept: list[str]) -> str:
-    cols = swept + [c for c in RESULT_COLUMNS if any(r.get(c) is not None for r in rows)]
+    cols = result_columns(rows, swept)
     head = [c if c in swept else c.replace("_", " ") for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if c in swept or c == "model" else "---:"
                                                          for c in cols) + "|"]
