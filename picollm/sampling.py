@@ -13,7 +13,7 @@ import torch
 
 from .config import SampleConfig
 from .errors import PicoError
-from .models.fused import FusedDecoder, fused_unavailable
+from .models.fused import FusedDecoder, FusedRows, fused_unavailable
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -98,10 +98,13 @@ DECODERS = ("auto", "fused", "torch")
 FUSED_MAX_BATCH = 4
 
 
-def decoder_for(model, decoder: str = "auto", batch_size: int = 1):
+def decoder_for(model, decoder="auto", batch_size: int = 1):
     """What generate() steps: the model itself ("torch"), or its fused CPU decode step ("fused": the
     Transformer's whole step in one C call, models/fused.py; an error where it cannot serve the model).
-    "auto" takes the fused step where it can serve the model and batch_size <= FUSED_MAX_BATCH."""
+    "auto" takes the fused step where it can serve the model and batch_size <= FUSED_MAX_BATCH.
+    A FusedDecoder made beforehand (e.g. with int8 weights, or kept across many calls) is used as it is."""
+    if isinstance(decoder, FusedDecoder):
+        return decoder
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if decoder == "torch" or (decoder == "auto" and batch_size > FUSED_MAX_BATCH):
@@ -115,16 +118,18 @@ def decoder_for(model, decoder: str = "auto", batch_size: int = 1):
 
 
 def decode_steps(model, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int] = None,
-                 decoder: str = "auto") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 decoder="auto", chunk: int = 1, logits: bool = True) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """The decode loop, one new position at a time: yields (tokens (B,), logits (B, V)) for each, the
-    logits those tokens were drawn from (before temperature, top-k or top-p). generate() and the server
-    (picollm/serve) both consume it, so a seed gives the same tokens through either.
+    logits those tokens were drawn from (before temperature, top-k or top-p; None when logits=False).
+    generate() and the server (picollm/serve) both consume it, so a seed gives the same tokens through either.
 
     The model carries state (KV cache, LSTM (h, c), k-gram history), so the prefix is fed once. When a
     model has a bounded context (max_context) and the state is full, the window slides: the state is
     rebuilt from the last max_context // 2 tokens, so generation may run past block_size.
     With cfg.stop_at_eot it stops once every row has produced eot (a finished row's later tokens are eot).
-    decoder: see decoder_for (by default a Transformer on a CPU decodes through the fused C step).
+    decoder: see decoder_for (by default a Transformer on a CPU decodes through the fused C step). Through
+    the fused step the whole loop, sampling included, runs in C, `chunk` positions per call: the same
+    tokens as the Python loop for the same seed (its uniform numbers come from the same generator).
     Closing the iterator early (a consumer that stops) frees the state; the model's train/eval mode is
     restored when it ends either way.
     """
@@ -133,17 +138,43 @@ def decode_steps(model, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[i
     model.eval()
     try:
         with torch.no_grad():
-            yield from _decode(stepper, idx, cfg, eot_id)
+            if isinstance(stepper, FusedDecoder):
+                yield from _decode_fused(stepper, idx, cfg, eot_id, chunk, logits)
+            else:
+                yield from _decode(stepper, idx, cfg, eot_id)
     finally:
         if was_training:
             model.train()
 
 
+def _generator(cfg: SampleConfig, device) -> Optional[torch.Generator]:
+    return None if cfg.seed is None else torch.Generator(device=device).manual_seed(cfg.seed)
+
+
+def _decode_fused(dec: FusedDecoder, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int], chunk: int,
+                  keep_logits: bool):
+    """_decode's loop in C (FusedRows.run), chunk positions per call; the uniform numbers are drawn as
+    sample_next draws them, a (B, 1) per position from the same generator, so the tokens are the same."""
+    gen = _generator(cfg, idx.device)
+    B = idx.size(0)
+    rows = FusedRows(dec, B, cfg.max_new_tokens)
+    rows.start(list(range(B)), idx, cfg, eot_id if cfg.stop_at_eot else None)
+    greedy = cfg.greedy or cfg.temperature == 0
+    left = cfg.max_new_tokens
+    while left > 0:
+        n = min(max(1, chunk), left)
+        u = None if greedy else torch.rand(n, B, generator=gen)
+        toks, lg = rows.run(n, u, keep_logits)
+        for s in range(toks.size(0)):
+            yield toks[s], None if lg is None else lg[s]
+        if toks.size(0) < n:  # every row stopped
+            return
+        left -= n
+
+
 def _decode(stepper, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int]):
     device = idx.device
-    gen = None
-    if cfg.seed is not None:
-        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = _generator(cfg, device)
     max_ctx = getattr(stepper, "max_context", None)
     prefix = idx if max_ctx is None else idx[:, -max_ctx:]
     history = None  # prefix and new tokens, which a sliding window is rebuilt from
@@ -179,19 +210,19 @@ def _decode(stepper, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int]
 
 @torch.no_grad()
 def generate(model, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int] = None,
-             decoder: str = "auto") -> torch.Tensor:
+             decoder="auto") -> torch.Tensor:
     """idx (B, T) prompt ids -> (B, T + n) with n <= cfg.max_new_tokens new tokens: decode_steps, collected."""
     tokens = torch.empty(idx.size(0), idx.size(1) + cfg.max_new_tokens, dtype=torch.long, device=idx.device)
     tokens[:, : idx.size(1)] = idx
     n = idx.size(1)
-    for nxt, _ in decode_steps(model, idx, cfg, eot_id, decoder):
+    for nxt, _ in decode_steps(model, idx, cfg, eot_id, decoder, chunk=cfg.max_new_tokens, logits=False):
         tokens[:, n] = nxt
         n += 1
     return tokens[:, :n]
 
 
 def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, num_samples: int = 1, device="cpu",
-                  decoder: str = "auto") -> list[str]:
+                  decoder="auto") -> list[str]:
     """Prompt text -> num_samples completions (prompt included), decoded. An empty prompt samples
     unconditionally: from the end-of-text token alone, which the text leaves out."""
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]

@@ -19,6 +19,7 @@ generate() then uses the PyTorch path.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import hashlib
 import os
@@ -42,14 +43,22 @@ _FLAGS = [["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"
 
 class _Cfg(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in ("n_layer", "n_head", "n_embd", "head_size", "hidden", "vocab",
-                                                     "block_size", "layernorm", "pre_norm", "swiglu", "pos_kind", "bf16")]
+                                                     "block_size", "layernorm", "pre_norm", "swiglu", "pos_kind", "wtype")]
     _fields_ += [("eps", ctypes.c_float)]
     _fields_ += [(name, ctypes.c_int32) for name in ("n_kv_head", "window", "window_alternate", "relu2")]
     _fields_ += [("softcap", ctypes.c_float)]
 
 
-# pico_forward's return codes (the PICO_* enum of fused_decode.c)
-PICO_OK, PICO_BAD_TOKEN, PICO_BAD_POSITION, PICO_NO_TOKENS, PICO_MISSING_WEIGHT = range(5)
+class _Sampling(ctypes.Structure):  # PicoSampling: how one row samples
+    _fields_ = [("temperature", ctypes.c_float), ("top_p", ctypes.c_float), ("top_k", ctypes.c_int32),
+                ("greedy", ctypes.c_int32)]
+
+
+# the return codes of fused_decode.c (its PICO_* enum)
+PICO_OK, PICO_BAD_TOKEN, PICO_BAD_POSITION, PICO_NO_TOKENS, PICO_MISSING_WEIGHT, PICO_BAD_HISTORY = range(6)
+WEIGHTS = ("model", "fp32", "bf16", "int8")  # what the matmuls read: the model's own dtype, or a copy in this one
+_WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+QGROUP = 32  # int8 weights: one scale per this many consecutive inputs of a row (llama.cpp's Q8_0 block)
 
 _lib: Optional[ctypes.CDLL] = None
 _lib_error: Optional[str] = None
@@ -90,9 +99,14 @@ def _load() -> ctypes.CDLL:
         if error is not None:
             raise RuntimeError(error)
     lib = ctypes.CDLL(str(path))
+    vp, i32 = ctypes.c_void_p, ctypes.c_int
     lib.pico_forward.restype = ctypes.c_int
-    lib.pico_forward.argtypes = [ctypes.POINTER(_Cfg), ctypes.POINTER(ctypes.c_void_p)] + [ctypes.c_void_p] * 4 + \
-        [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.pico_forward.argtypes = [ctypes.POINTER(_Cfg), vp, vp, vp, vp, vp, vp, i32, i32, vp, vp, i32, vp]
+    lib.pico_generate.restype = ctypes.c_int
+    lib.pico_generate.argtypes = [ctypes.POINTER(_Cfg), vp, vp, vp, vp, vp, i32, i32, vp, vp, vp, vp, i32, vp, vp, i32,
+                                  vp, vp, vp, vp, vp, vp, vp]
+    lib.pico_sample_rows.restype = None
+    lib.pico_sample_rows.argtypes = [vp, i32, i32, vp, vp, vp, vp]
     lib.pico_scratch_floats.restype = ctypes.c_int64
     lib.pico_scratch_floats.argtypes = [ctypes.POINTER(_Cfg), ctypes.c_int]
     return lib
@@ -112,8 +126,10 @@ def _library() -> ctypes.CDLL:
     return _lib
 
 
-def fused_unavailable(model) -> Optional[str]:
-    """None when FusedDecoder can serve this model, else why not (one line)."""
+def fused_unavailable(model, weights: str = "model") -> Optional[str]:
+    """None when FusedDecoder can serve this model with these weights, else why not (one line)."""
+    if weights not in WEIGHTS:
+        return f"weights must be one of {WEIGHTS}, got {weights!r}"
     if not isinstance(model, Transformer):
         return f"the fused decoder serves the Transformer only, not {type(model).__name__}"
     w = model.blocks[0].attn.qkv.weight
@@ -132,25 +148,65 @@ def fused_unavailable(model) -> Optional[str]:
     return None
 
 
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (rows, cols) weight -> (int8 values (rows, cols), float32 scales (rows, ceil(cols / QGROUP))): each
+    group of QGROUP consecutive inputs of a row (the last one partial where cols is not a multiple) shares
+    the scale max|w| / 127 and rounds to the nearest step, as llama.cpp's Q8_0 (whose scales are float16)."""
+    rows, cols = w.shape
+    pad = -cols % QGROUP
+    g = torch.nn.functional.pad(w.detach().float(), (0, pad)).reshape(rows, -1, QGROUP)
+    scale = g.abs().amax(dim=-1) / 127.0
+    q = torch.round(g / torch.where(scale > 0, scale, torch.ones_like(scale))[..., None])
+    return q.to(torch.int8).reshape(rows, -1)[:, :cols].contiguous(), scale.contiguous()
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    rows, cols = q.shape
+    g = torch.nn.functional.pad(q.float(), (0, -cols % QGROUP)).reshape(rows, -1, QGROUP) * scale[..., None]
+    return g.reshape(rows, -1)[:, :cols]
+
+
+def int8_rounded(model: torch.nn.Module) -> torch.nn.Module:
+    """A float32 copy of a Transformer whose matmul weights (those the fused step reads as int8) hold their
+    int8 round trip: PyTorch's view of what --weights int8 computes, for measuring its test loss."""
+    out = copy.deepcopy(model).float()
+    with torch.no_grad():
+        for m in _matmul_weights(out):
+            m.copy_(dequantize_int8(*quantize_int8(m)))
+    return out
+
+
+def _matmul_weights(model) -> list[torch.Tensor]:
+    mats = [model.wte.weight] + ([] if model.head.weight is model.wte.weight else [model.head.weight])
+    for blk in model.blocks:
+        mats += [blk.attn.qkv.weight, blk.attn.proj.weight, blk.mlp.fc.weight, blk.mlp.proj.weight]
+    return mats
+
+
 @dataclass
 class FusedState:
-    """KV caches (L, B, n_kv_heads, block_size, hs) in float32, the C code's scratch, and the logits buffer."""
+    """KV caches (L, slots, n_kv_heads, block_size, hs) in float32, the C code's scratch (for a step of up
+    to `slots` rows), and the logits buffer, a row per slot."""
 
     k: torch.Tensor
     v: torch.Tensor
     scratch: torch.Tensor
-    logits: torch.Tensor  # (B, 1, V), overwritten by every step
-    pos: int = 0
+    logits: torch.Tensor  # (slots, 1, V), overwritten by every step
+    pos: int = 0  # step()'s position: every row at the same one
 
     def __post_init__(self):  # the C step's (k, v, scratch) pointers, taken once instead of every step
         self.buffers = (self.k.data_ptr(), self.v.data_ptr(), self.scratch.data_ptr())
+        self.slots = self.k.size(1)
 
 
 class FusedDecoder:
-    """Stepwise decoding of a Transformer through fused_decode.c (see the module docstring)."""
+    """Stepwise decoding of a Transformer through fused_decode.c (see the module docstring).
 
-    def __init__(self, model):
-        reason = fused_unavailable(model)
+    weights: what the matmuls read: "model" (the model's own float32 or bfloat16 tensors, in place), or a
+    copy in "fp32", "bf16" or "int8" (Q8_0-like: a float32 scale per 32 inputs of a row)."""
+
+    def __init__(self, model, weights: str = "model"):
+        reason = fused_unavailable(model, weights)
         if reason is not None:
             raise RuntimeError(reason)
         self.lib = _library()
@@ -158,25 +214,34 @@ class FusedDecoder:
         self.cfg = c
         self.max_context = c.block_size
         mlp = model.blocks[0].mlp
-        mat_dtype = model.blocks[0].attn.qkv.weight.dtype
+        mat_dtype = {"model": model.blocks[0].attn.qkv.weight.dtype, "fp32": torch.float32, "bf16": torch.bfloat16,
+                     "int8": torch.int8}[weights]
+        self.weights_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}[mat_dtype]
         self.ccfg = _Cfg(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, head_size=c.head_size,
                          hidden=mlp.proj.weight.size(1), vocab=c.vocab_size, block_size=c.block_size,
                          layernorm=int(c.norm == "layernorm"), pre_norm=int(c.norm_placement == "pre"),
                          swiglu=int(c.mlp == "swiglu"), pos_kind={"learned": 1, "sinusoidal": 1, "rope": 2}.get(c.pos_emb, 0),
-                         bf16=int(mat_dtype == torch.bfloat16), eps=c.norm_eps, n_kv_head=c.n_kv_heads,
+                         wtype=_WTYPE[mat_dtype], eps=c.norm_eps, n_kv_head=c.n_kv_heads,
                          window=c.sliding_window, window_alternate=int(c.window_pattern == "alternate"),
                          relu2=int(c.mlp == "relu2"), softcap=c.logit_softcap)
         self._ccfg_ref = ctypes.byref(self.ccfg)  # made once: it is an argument of every step
         self._keep: list[torch.Tensor] = []  # every tensor a pointer refers to
+        scales: list[Optional[int]] = []  # int8: each matmul weight's scales, at the same index as the weight
 
-        def mat(t):  # a matmul weight, read in place in its own dtype
+        def mat(t):  # a matmul weight: read in place in its own dtype, else a copy in mat_dtype
+            if mat_dtype == torch.int8:
+                q, sc = quantize_int8(t)
+                scales.append(self._ptr(sc))
+                return self._ptr(q)
+            scales.append(None)
             return self._ptr(t.detach().to(mat_dtype).contiguous())
 
         def small(t):  # norm weights, biases, position tables: float32 copies
+            scales.append(None)
             return None if t is None else self._ptr(t.detach().float().contiguous())
 
         def norm(m):  # (weight, bias); neither for the Identity that stands in for a post-norm's final norm
-            return (small(m.weight), small(getattr(m, "bias", None))) if hasattr(m, "weight") else (None, None)
+            return (small(m.weight), small(getattr(m, "bias", None))) if hasattr(m, "weight") else (small(None), small(None))
 
         pos = model.wpe.weight if model.wpe is not None else getattr(model, "pos_table", None)
         ptrs = [mat(model.wte.weight), small(pos), small(getattr(model, "rope_cos", None)),
@@ -187,13 +252,16 @@ class FusedDecoder:
                      *norm(blk.ln_2), mat(m.fc.weight), small(m.fc.bias), mat(m.proj.weight), small(m.proj.bias),
                      small(a.q_norm.weight if a.q_norm is not None else None),
                      small(a.k_norm.weight if a.k_norm is not None else None), small(a.sinks)]
+        assert len(scales) == len(ptrs)
         self.weights = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        self.scales = (ctypes.c_void_p * len(ptrs))(*scales)
 
     def _ptr(self, t: torch.Tensor) -> int:
         self._keep.append(t)
         return t.data_ptr()
 
     def new_state(self, batch_size: int, device=None) -> FusedState:
+        """A state of batch_size slots (KV caches, scratch for a step of batch_size rows, logits)."""
         c = self.cfg
         shape = (c.n_layer, batch_size, c.n_kv_heads, c.block_size, c.head_size)
         n_scratch = self.lib.pico_scratch_floats(self._ccfg_ref, batch_size)
@@ -201,35 +269,127 @@ class FusedDecoder:
                           torch.empty(batch_size, 1, c.vocab_size))
 
     def step(self, idx: torch.Tensor, state: FusedState):
-        """Feed idx (B, t) after the state.pos tokens already cached; returns (logits (B, 1, V) of the
-        last position, state). The logits tensor is the state's buffer: the next step overwrites it."""
+        """Feed idx (B, t) after the state.pos tokens already cached (in slots 0..B-1); returns (logits
+        (B, 1, V) of the last position, state). The logits tensor is the state's buffer: the next step
+        overwrites it."""
         B, t = idx.shape
         if state.pos + t > self.cfg.block_size:
             raise ValueError(f"KV cache full: {state.pos} cached + {t} new tokens > block_size "
                              f"{self.cfg.block_size}; start a new state with the last tokens")
-        if B != state.k.size(1):
-            raise ValueError(f"batch size {B} does not match the state's {state.k.size(1)}")
-        idx = idx.to(torch.int64).contiguous()
-        rc = self.lib.pico_forward(self._ccfg_ref, self.weights, *state.buffers, idx.data_ptr(), B, t, state.pos,
-                                   state.logits.data_ptr())
-        if rc != PICO_OK:
-            raise self._error(rc, idx, state.pos)
+        if B != state.slots:
+            raise ValueError(f"batch size {B} does not match the state's {state.slots}")
+        self.feed(state, idx, torch.full((B,), state.pos, dtype=torch.int32), None)
         state.pos += t
         return state.logits, state
 
-    def _error(self, rc: int, idx: torch.Tensor, pos: int) -> Exception:
-        """The exception for a non-zero return code of pico_forward (nothing was written)."""
+    def feed(self, state: FusedState, idx: torch.Tensor, pos: torch.Tensor, slots: Optional[torch.Tensor]) -> None:
+        """Feed idx (B, t): row b at positions pos[b].. of slot slots[b] (None: slot b); the logits of each
+        row's last position go to state.logits[slots[b]]."""
+        B, t = idx.shape
+        idx = idx.to(torch.int64).contiguous()
+        pos = pos.to(torch.int32).contiguous()
+        sl = None if slots is None else slots.to(torch.int32).contiguous()
+        if B > state.slots:
+            raise ValueError(f"{B} rows do not fit the state's {state.slots} slots")
+        rc = self.lib.pico_forward(self._ccfg_ref, self.weights, self.scales, *state.buffers, idx.data_ptr(), B, t,
+                                   pos.data_ptr(), None if sl is None else sl.data_ptr(), state.slots,
+                                   state.logits.data_ptr())
+        if rc != PICO_OK:
+            raise self._error(rc, idx, pos, sl, state.slots)
+
+    def _error(self, rc: int, idx: torch.Tensor, pos: torch.Tensor, slots: Optional[torch.Tensor], n_slots: int) -> Exception:
+        """The exception for a non-zero return code of the C code (nothing was written)."""
         V, T = self.cfg.vocab_size, self.cfg.block_size
         if rc == PICO_BAD_TOKEN:
             bad = ((idx < 0) | (idx >= V)).nonzero()[0].tolist()
             return IndexError(f"token ids must be in [0, {V}), got {idx[tuple(bad)].item()} at row {bad[0]}, "
                               f"position {bad[1]}")
         if rc == PICO_BAD_POSITION:
-            return ValueError(f"positions {pos}..{pos + idx.size(1) - 1} are outside the KV cache [0, {T})")
+            if slots is not None and bool(((slots < 0) | (slots >= n_slots)).any()):
+                return ValueError(f"slots must be in [0, {n_slots}), got {slots.tolist()}")
+            return ValueError(f"positions {pos.min().item()}..{pos.max().item() + idx.size(1) - 1} are outside the "
+                              f"KV cache [0, {T})")
         if rc == PICO_NO_TOKENS:
             return ValueError(f"nothing to feed: idx has shape {tuple(idx.shape)}; a step takes at least one token "
                               "per row")
         if rc == PICO_MISSING_WEIGHT:
             return RuntimeError("a weight the fused step reads is missing (a NULL pointer): the decoder was built "
                                 "from an incomplete model")
-        return RuntimeError(f"pico_forward failed with unknown code {rc}")
+        if rc == PICO_BAD_HISTORY:
+            return ValueError("a row's token history is too short to slide its window from, or too full for the "
+                              "tokens asked")
+        return RuntimeError(f"the fused step failed with unknown code {rc}")
+
+
+def sampling_struct(cfg) -> _Sampling:
+    """A SampleConfig as the C sampler's PicoSampling (the same draw as sampling.sample_next)."""
+    off = cfg.top_p is None or cfg.top_p >= 1.0
+    return _Sampling(temperature=cfg.temperature, top_p=2.0 if off else cfg.top_p, top_k=cfg.top_k or 0,
+                     greedy=int(cfg.greedy or cfg.temperature == 0))
+
+
+class FusedRows:
+    """Rows decoding together through the C loop (pico_generate): row b is slot b of a FusedState and has
+    its own position, token history, sampling settings, stop id and token budget. generate() fills every
+    row at once; the server starts a row when a request arrives and the row runs until it finishes, beside
+    whatever other rows are live (continuous batching)."""
+
+    def __init__(self, dec: FusedDecoder, slots: int, max_new_tokens: int):
+        self.dec, self.lib = dec, dec.lib
+        self.state = dec.new_state(slots)
+        S, V = slots, dec.cfg.vocab_size
+        self.hist_cap = dec.cfg.block_size + max_new_tokens
+        self.slot = torch.arange(S, dtype=torch.int32)
+        self.pos = torch.zeros(S, dtype=torch.int32)
+        self.hist = torch.zeros(S, self.hist_cap, dtype=torch.int64)
+        self.n_hist = torch.zeros(S, dtype=torch.int32)
+        self.stop = torch.full((S,), -1, dtype=torch.int64)
+        self.left = torch.zeros(S, dtype=torch.int32)
+        self.done = torch.ones(S, dtype=torch.uint8)  # a row is idle until started
+        self.smp = (_Sampling * S)()
+        self.work = torch.empty(3 * V)
+
+    @property
+    def slots(self) -> int:
+        return self.state.slots
+
+    def start(self, rows: list[int], prompts: torch.Tensor, cfg, stop: Optional[int]) -> None:
+        """Start rows (free slots) on prompts (len(rows), T): the last block_size tokens are fed in one step;
+        each row then samples cfg.max_new_tokens tokens as cfg says, stopping early at `stop` (None: never)."""
+        T = self.dec.cfg.block_size
+        prompts = prompts[:, -T:].to(torch.int64)
+        r = torch.tensor(rows, dtype=torch.long)
+        self.dec.feed(self.state, prompts, torch.zeros(len(rows), dtype=torch.int32), r)
+        n = prompts.size(1)
+        self.hist[r, :n] = prompts
+        self.n_hist[r] = n
+        self.pos[r] = n
+        self.stop[r] = -1 if stop is None else stop
+        self.left[r] = cfg.max_new_tokens
+        self.done[r] = 0
+        for b in rows:
+            self.smp[b] = sampling_struct(cfg)
+
+    def run(self, n: int, u: Optional[torch.Tensor], keep_logits: bool = False):
+        """Up to n positions of every live row: (tokens (m, slots), logits (m, slots, V) or None), m <= n (fewer
+        once no row is live). A finished or idle row's entries are its stop id (-1: none). u: (n, slots)
+        uniform numbers, None when every live row is greedy."""
+        S, V = self.slots, self.dec.cfg.vocab_size
+        out = torch.empty(n, S, dtype=torch.int64)
+        logits = torch.empty(n, S, V) if keep_logits else None
+        if u is not None:
+            u = u.to(torch.float32).contiguous()
+            assert u.shape == (n, S), (u.shape, n, S)
+        st = self.state
+        got = self.lib.pico_generate(
+            self.dec._ccfg_ref, self.dec.weights, self.dec.scales, *st.buffers, S, S, self.slot.data_ptr(),
+            self.pos.data_ptr(), self.hist.data_ptr(), self.n_hist.data_ptr(), self.hist_cap, self.smp,
+            None if u is None else u.data_ptr(), n, self.stop.data_ptr(), self.left.data_ptr(), self.done.data_ptr(),
+            st.logits.data_ptr(), None if logits is None else logits.data_ptr(), out.data_ptr(), self.work.data_ptr())
+        if got < 0:
+            raise self.dec._error(-got, out[:0], self.pos, None, S)
+        return out[:got], None if logits is None else logits[:got]
+
+    def free(self, rows: list[int]) -> None:
+        """Ends rows early (a client that went away): their slots can start again."""
+        self.done[torch.tensor(rows, dtype=torch.long)] = 1

@@ -1,23 +1,32 @@
-/* The Transformer's decode step as one C function: every layer, for every new token, in one call.
+/* The Transformer's decode loop as C functions: the step (every layer, for every new token, in one call),
+   the sampler (greedy, temperature, top-k, top-p) and the loop that alternates them for N tokens.
 
-   PyTorch runs a batch-1 decode step as ~80 small ops, each dispatched from Python; on a CPU that
-   overhead costs more than the arithmetic. This file does the same math in one pass (the approach of
-   llama2.c's run.c), reading the model's own weight tensors in place. picollm/models/fused.py compiles
-   it with the system C compiler at first use, loads it with ctypes and falls back to PyTorch when it
-   cannot. Plain C with OpenMP pragmas (ignored where the compiler lacks -fopenmp): no Python or torch
-   headers, so it compiles in about a second.
+   PyTorch runs a batch-1 decode step as ~80 small ops, each dispatched from Python, and top-p sampling
+   as ~15 more; on a CPU that overhead costs more than the arithmetic. This file does the same math in
+   one pass (the approach of llama2.c's run.c), reading the model's own weight tensors in place.
+   picollm/models/fused.py compiles it with the system C compiler at first use, loads it with ctypes and
+   falls back to PyTorch when it cannot. Plain C with OpenMP pragmas (ignored where the compiler lacks
+   -fopenmp) and AVX-512 intrinsics where the CPU has them: no Python or torch headers, so it compiles in
+   about a second.
 
-   Weights: the matmul weights (embedding, q/k/v, projections, MLP, head) are float32 or bfloat16, as the
-   model holds them; norms, biases and position tables come as float32. Activations, the KV cache and all
+   Weights: the matmul weights (embedding, q/k/v, projections, MLP, head) are float32, bfloat16, or int8
+   with a float32 scale per group of 32 consecutive inputs of a row (llama.cpp's Q8_0 layout, scales kept
+   apart); norms, biases and position tables come as float32. Activations, the KV cache and all
    accumulation are float32. The math follows models/transformer.py line by line: pre- or post-norm,
    RMSNorm or LayerNorm, RoPE ("rotate half" pairs i, i + hs/2), learned or sinusoidal positions, GELU
    (erf), SwiGLU or ReLU^2 MLP, optional biases; grouped-query attention (n_kv_head kv heads, each serving
    n_head / n_kv_head consecutive query heads), sliding windows (every layer, or the even ones),
    QK-norm (RMSNorm over each q and k head before RoPE), attention sinks and logit soft-capping.
-   A mixture of experts is not served here (fused.py says so and PyTorch decodes it). */
+   A mixture of experts is not served here (fused.py says so and PyTorch decodes it).
+
+   Batches: row b of a call lives in KV-cache slot slot[b] at its own position pos[b], so rows of
+   different lengths (ragged prompts, a server's requests that joined at different times) step together.
+   Every dot product sums in the same order whatever the batch, so a row's logits do not depend on which
+   other rows share its step. */
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -29,7 +38,7 @@ typedef struct {
     int32_t pre_norm;   /* 1: pre-norm (with a final norm), 0: post-norm */
     int32_t swiglu;     /* 1: SwiGLU (fc holds gate then up, 2*hidden rows), 0: GELU or ReLU^2 */
     int32_t pos_kind;   /* 0: none, 1: learned or sinusoidal table added to the embedding, 2: RoPE */
-    int32_t bf16;       /* matmul weights are bfloat16 (else float32) */
+    int32_t wtype;      /* matmul weights: 0 float32, 1 bfloat16, 2 int8 with a scale per 32 inputs */
     float eps;
     int32_t n_kv_head;  /* key/value heads (n_head: multi-head attention) */
     int32_t window;     /* 0: full attention; W: a query sees its last W keys */
@@ -38,24 +47,39 @@ typedef struct {
     float softcap;      /* 0: off; else logits = softcap * tanh(logits / softcap) */
 } PicoCfg;
 
+/* How one row samples (sample_next of picollm/sampling.py): greedy, or temperature, then top-k, then
+   top-p, then one draw from a uniform number by inverse CDF. */
+typedef struct {
+    float temperature;  /* 0: greedy */
+    float top_p;        /* >= 1: off */
+    int32_t top_k;      /* 0: off */
+    int32_t greedy;
+} PicoSampling;
+
 /* Weight pointers, in this order (NULL where the model has none):
    global  0 wte (V, C)  1 position table (block, C)  2 rope cos (block, hs/2)  3 rope sin
            4 final norm weight  5 final norm bias  6 head (V, C)
    layer l, at 7 + 15 l:  0 ln_1.w  1 ln_1.b  2 qkv.w ((nh + 2 nkv) hs, C)  3 qkv.b  4 proj.w (C, C)  5 proj.b
            6 ln_2.w  7 ln_2.b  8 fc.w (H or 2H, C)  9 fc.b  10 mlp proj.w (C, H)  11 mlp proj.b
-           12 q_norm.w (hs)  13 k_norm.w (hs)  14 sinks (nh) */
+           12 q_norm.w (hs)  13 k_norm.w (hs)  14 sinks (nh)
+   With int8 weights, a second array of the same length holds each matmul weight's scales (rows, cols/32). */
 enum { W_WTE, W_POS, W_COS, W_SIN, W_LNF, W_LNF_B, W_HEAD, N_GLOBAL };
 enum { L_LN1, L_LN1_B, L_QKV, L_QKV_B, L_PROJ, L_PROJ_B, L_LN2, L_LN2_B, L_FC, L_FC_B, L_MPROJ, L_MPROJ_B,
        L_QNORM, L_KNORM, L_SINKS, N_PER_LAYER };
 
-/* pico_forward's return codes, one per cause; fused.py names each (keep the two lists in step). */
+/* Return codes, one per cause; fused.py names each (keep the two lists in step). */
 enum {
     PICO_OK = 0,
     PICO_BAD_TOKEN = 1,      /* a token id outside [0, vocab) */
-    PICO_BAD_POSITION = 2,   /* pos0 < 0, or pos0 + T past block_size (the KV cache's length) */
+    PICO_BAD_POSITION = 2,   /* a row's pos < 0, or pos + T past block_size (the KV cache's length) */
     PICO_NO_TOKENS = 3,      /* T < 1 or B < 1: nothing to feed */
-    PICO_MISSING_WEIGHT = 4  /* a weight pointer the configuration reads is NULL */
+    PICO_MISSING_WEIGHT = 4, /* a weight pointer the configuration reads is NULL */
+    PICO_BAD_HISTORY = 5     /* the loop's token history is full */
 };
+
+enum { WT_F32 = 0, WT_BF16 = 1, WT_INT8 = 2, QGROUP = 32 };
+
+typedef struct { const void *w; const float *s; int type; } Mat;  /* a matmul weight and its int8 scales */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -64,69 +88,96 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-static float dot_f32(const float *w, const float *x, int n) {
-    int i = 0;
-    float s = 0.0f;
-#ifdef __AVX512F__
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-    }
-    s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#endif
-    for (; i < n; i++) s += w[i] * x[i];
-    return s;
+/* Weight i of the row starting at element row_off; rs: that row's int8 scales (a group per 32 inputs, the
+   last one partial where the row's length is not a multiple of 32). */
+static inline float weight_at(Mat m, size_t row_off, const float *rs, int i) {
+    if (m.type == WT_F32) return ((const float *)m.w)[row_off + i];
+    if (m.type == WT_BF16) return bf16_to_f32(((const uint16_t *)m.w)[row_off + i]);
+    return (float)((const int8_t *)m.w)[row_off + i] * rs[i / QGROUP];
 }
 
-static float dot_bf16(const uint16_t *w, const float *x, int n) {
-    int i = 0;
-    float s = 0.0f;
-#ifdef __AVX512F__
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    for (; i + 32 <= n; i += 32) {
-        __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + i)));
-        __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + i + 16)));
-        a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)), _mm512_loadu_ps(x + i + 16), a1);
-    }
-    s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#endif
-    for (; i < n; i++) s += bf16_to_f32(w[i]) * x[i];
-    return s;
+static inline const float *row_scales(Mat m, int j, int n_in) {
+    return m.type == WT_INT8 ? m.s + (size_t)j * ((n_in + QGROUP - 1) / QGROUP) : NULL;
 }
 
-/* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out; W is (n_out, n_in), row-major.
-   Rows are split across the OpenMP threads (torch's own libgomp, already loaded, so one thread pool).
-   With several rows of x a bf16 weight row is widened to float32 once, not once per row of x. */
-static void matvec(float *out, const void *W, int bf16, const float *bias, const float *x, int B, int n_out, int n_in) {
-    const int widen = bf16 && B > 1 && n_in <= 16384;  /* a float32 row on each thread's stack */
-#pragma omp parallel
-    {
-        float wrow[widen ? n_in : 1];
-#pragma omp for schedule(static)
-        for (int j = 0; j < n_out; j++) {
-            const float *wf = (const float *)W + (size_t)j * n_in;
-            const uint16_t *wh = (const uint16_t *)W + (size_t)j * n_in;
-            if (widen) {
-                for (int i = 0; i < n_in; i++) wrow[i] = bf16_to_f32(wh[i]);
-                wf = wrow;
-            }
-            for (int b = 0; b < B; b++) {
-                const float *xb = x + (size_t)b * n_in;
-                float s = bf16 && !widen ? dot_bf16(wh, xb, n_in) : dot_f32(wf, xb, n_in);
-                out[(size_t)b * n_out + j] = bias ? s + bias[j] : s;
-            }
+#ifdef __AVX512F__
+/* 32 consecutive weights of a row, from element off (i within the row, a multiple of 32), as two float32
+   vectors. */
+static inline void load32(Mat m, size_t off, const float *rs, int i, __m512 *lo, __m512 *hi) {
+    if (m.type == WT_F32) {
+        *lo = _mm512_loadu_ps((const float *)m.w + off);
+        *hi = _mm512_loadu_ps((const float *)m.w + off + 16);
+    } else if (m.type == WT_BF16) {
+        const uint16_t *p = (const uint16_t *)m.w + off;
+        *lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+        *hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 16))), 16));
+    } else {  /* the 32 share one scale */
+        const int8_t *p = (const int8_t *)m.w + off;
+        const __m512 s = _mm512_set1_ps(rs[i / QGROUP]);
+        *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))), s);
+        *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16)))), s);
+    }
+}
+#endif
+
+/* out[b * ostride + j] = W[j, :] . x[b, :] for NB rows b of x and one row j of W (n_in inputs).
+   Each sum runs in the same order for any NB (two 16-lane accumulators over 32-input blocks, then the
+   tail), so a row's result does not depend on the batch; NB is a constant at each call, so the compiler
+   keeps the 2 NB accumulators in registers and loads (and widens) each weight once for all NB rows. */
+static inline __attribute__((always_inline)) void dot_block(float *out, size_t ostride, Mat m, int j,
+                                                            const float *x, int n_in, const int NB) {
+    const size_t row_off = (size_t)j * n_in;
+    const float *rs = row_scales(m, j, n_in);
+    float s[4];
+    int i = 0;
+#ifdef __AVX512F__
+    __m512 a0[4], a1[4];
+    for (int b = 0; b < NB; b++) a0[b] = a1[b] = _mm512_setzero_ps();
+    for (; i + 32 <= n_in; i += 32) {
+        __m512 wlo, whi;
+        load32(m, row_off + i, rs, i, &wlo, &whi);
+        for (int b = 0; b < NB; b++) {
+            a0[b] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(x + (size_t)b * n_in + i), a0[b]);
+            a1[b] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(x + (size_t)b * n_in + i + 16), a1[b]);
         }
     }
+    for (int b = 0; b < NB; b++) s[b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b]));
+#else
+    for (int b = 0; b < NB; b++) s[b] = 0.0f;
+#endif
+    for (; i < n_in; i++) {
+        const float wi = weight_at(m, row_off, rs, i);
+        for (int b = 0; b < NB; b++) s[b] += wi * x[(size_t)b * n_in + i];
+    }
+    for (int b = 0; b < NB; b++) out[(size_t)b * ostride] = s[b];
 }
 
-static void embed_row(float *dst, const void *wte, int bf16, int64_t tok, int C) {
-    if (bf16) {
-        const uint16_t *r = (const uint16_t *)wte + (size_t)tok * C;
-        for (int i = 0; i < C; i++) dst[i] = bf16_to_f32(r[i]);
+/* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out; W is (n_out, n_in), row-major. Rows of
+   W are split across the OpenMP threads (torch's own libgomp, already loaded, so one thread pool); each
+   weight row is read once for up to 4 rows of x. */
+static void matvec(float *out, Mat m, const float *bias, const float *x, int B, int n_out, int n_in) {
+#pragma omp parallel for schedule(static)
+    for (int j = 0; j < n_out; j++) {
+        int b = 0;
+        for (; b + 4 <= B; b += 4) dot_block(out + (size_t)b * n_out + j, n_out, m, j, x + (size_t)b * n_in, n_in, 4);
+        switch (B - b) {
+            case 3: dot_block(out + (size_t)b * n_out + j, n_out, m, j, x + (size_t)b * n_in, n_in, 3); break;
+            case 2: dot_block(out + (size_t)b * n_out + j, n_out, m, j, x + (size_t)b * n_in, n_in, 2); break;
+            case 1: dot_block(out + (size_t)b * n_out + j, n_out, m, j, x + (size_t)b * n_in, n_in, 1); break;
+            default: break;
+        }
+        if (bias)
+            for (int r = 0; r < B; r++) out[(size_t)r * n_out + j] += bias[j];
+    }
+}
+
+static void embed_row(float *dst, Mat m, int64_t tok, int C) {
+    const size_t off = (size_t)tok * C;
+    if (m.type == WT_F32) {
+        memcpy(dst, (const float *)m.w + off, sizeof(float) * (size_t)C);
     } else {
-        memcpy(dst, (const float *)wte + (size_t)tok * C, sizeof(float) * (size_t)C);
+        const float *rs = row_scales(m, (int)tok, C);
+        for (int i = 0; i < C; i++) dst[i] = weight_at(m, off, rs, i);
     }
 }
 
@@ -154,37 +205,83 @@ static void rope(float *v, const float *cos, const float *sin, int half) {
     }
 }
 
+static float dot_f32(const float *a, const float *b, int n) {
+    int i = 0;
+    float s = 0.0f;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 /* Scratch floats needed for batch B: see the carve-up at the top of pico_forward. */
 int64_t pico_scratch_floats(const PicoCfg *c, int B) {
     int64_t C = c->n_embd, H = c->hidden, QKV = (int64_t)(c->n_head + 2 * c->n_kv_head) * c->head_size;
-    return (int64_t)B * (5 * C + QKV + 2 * H) + c->block_size;
+    return (int64_t)B * (5 * C + QKV + 2 * H + c->vocab);
 }
 
 /* PICO_OK when every weight the configuration reads is there, else PICO_MISSING_WEIGHT. */
-static int check_weights(const PicoCfg *c, const void *const *w) {
+static int check_weights(const PicoCfg *c, const void *const *w, const float *const *ws) {
+    static const int mats[] = {L_QKV, L_PROJ, L_FC, L_MPROJ};
     if (!w[W_WTE] || !w[W_HEAD] || (c->pos_kind == 1 && !w[W_POS]) ||
         (c->pos_kind == 2 && (!w[W_COS] || !w[W_SIN])) || (c->pre_norm && !w[W_LNF]))
         return PICO_MISSING_WEIGHT;
+    if (c->wtype == WT_INT8 && (!ws || !ws[W_WTE] || !ws[W_HEAD])) return PICO_MISSING_WEIGHT;
     for (int l = 0; l < c->n_layer; l++) {
-        const void *const *lw = w + N_GLOBAL + N_PER_LAYER * l;
-        if (!lw[L_LN1] || !lw[L_QKV] || !lw[L_PROJ] || !lw[L_LN2] || !lw[L_FC] || !lw[L_MPROJ])
-            return PICO_MISSING_WEIGHT;
+        const int at = N_GLOBAL + N_PER_LAYER * l;
+        if (!w[at + L_LN1] || !w[at + L_LN2]) return PICO_MISSING_WEIGHT;
+        for (int k = 0; k < 4; k++)
+            if (!w[at + mats[k]] || (c->wtype == WT_INT8 && !ws[at + mats[k]])) return PICO_MISSING_WEIGHT;
     }
     return PICO_OK;
 }
 
-/* Feed tokens (B, T) (row-major int64) at positions pos0 .. pos0+T-1 into the KV caches k, v (each
-   (L, B, n_kv_head, block, hs) float32) and write the logits of the last position to logits (B, V).
-   Returns PICO_OK, or the PICO_* code of the first problem found (nothing is written then). */
-int pico_forward(const PicoCfg *c, const void *const *w, float *kc, float *vc, float *scratch,
-                 const int64_t *tokens, int B, int T, int pos0, float *logits) {
+static inline Mat mat_at(const PicoCfg *c, const void *const *w, const float *const *ws, int i) {
+    Mat m = {w[i], c->wtype == WT_INT8 ? ws[i] : NULL, c->wtype};
+    return m;
+}
+
+/* Attention of one query head of one row over its cached keys first..pos (plus a sink, if any): the
+   weighted sum of values into yh. att: pos + 1 floats of scratch. */
+static void attend(float *yh, const float *qh, const float *kh, const float *vh, int first, int pos, int hs,
+                   float scale, const float *sink, float *att) {
+    float mx = sink ? *sink : -INFINITY;
+    for (int j = first; j <= pos; j++) {
+        att[j] = dot_f32(qh, kh + (size_t)j * hs, hs) * scale;
+        if (att[j] > mx) mx = att[j];
+    }
+    float sum = sink ? expf(*sink - mx) : 0.0f;  /* a sink joins the denominator only */
+    for (int j = first; j <= pos; j++) {
+        att[j] = expf(att[j] - mx);
+        sum += att[j];
+    }
+    memset(yh, 0, sizeof(float) * hs);
+    for (int j = first; j <= pos; j++) {
+        const float p = att[j] / sum, *vj = vh + (size_t)j * hs;
+        for (int i = 0; i < hs; i++) yh[i] += p * vj[i];
+    }
+}
+
+/* Feed tokens (B, T) (row-major int64): row b at positions pos[b] .. pos[b]+T-1 of KV-cache slot slot[b]
+   (slot NULL: slot b). The caches k, v are (L, n_slots, n_kv_head, block, hs) float32; the logits of each
+   row's last position go to logits + slot[b] * V. Returns PICO_OK, or the PICO_* code of the first
+   problem found (nothing is written then). */
+int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws, float *kc, float *vc,
+                 float *scratch, const int64_t *tokens, int B, int T, const int32_t *pos, const int32_t *slot,
+                 int n_slots, float *logits) {
     const int C = c->n_embd, nh = c->n_head, nkv = c->n_kv_head, hs = c->head_size, H = c->hidden, L = c->n_layer;
-    const int bf = c->bf16, half = hs / 2, QKV = (nh + 2 * nkv) * hs, group = nh / nkv;
+    const int half = hs / 2, QKV = (nh + 2 * nkv) * hs, group = nh / nkv;
     if (T < 1 || B < 1) return PICO_NO_TOKENS;
-    if (pos0 < 0 || pos0 + T > c->block_size) return PICO_BAD_POSITION;
+    for (int b = 0; b < B; b++) {
+        const int s = slot ? slot[b] : b;
+        if (pos[b] < 0 || pos[b] + T > c->block_size || s < 0 || s >= n_slots) return PICO_BAD_POSITION;
+    }
     for (int64_t i = 0; i < (int64_t)B * T; i++)
         if (tokens[i] < 0 || tokens[i] >= c->vocab) return PICO_BAD_TOKEN;
-    if (check_weights(c, w) != PICO_OK) return PICO_MISSING_WEIGHT;
+    if (check_weights(c, w, ws) != PICO_OK) return PICO_MISSING_WEIGHT;
 
     float *x = scratch;          /* (B, C) residual stream */
     float *xn = x + B * C;       /* (B, C) normed input of a sublayer */
@@ -192,22 +289,22 @@ int pico_forward(const PicoCfg *c, const void *const *w, float *kc, float *vc, f
     float *a = y + B * C;        /* (B, C) sublayer output */
     float *t = a + B * C;        /* (B, C) post-norm sum */
     float *qkv = t + B * C;      /* (B, (nh + 2 nkv) hs) */
-    float *h = qkv + (size_t)B * QKV;  /* (B, 2H) */
-    float *att = h + 2 * B * H;  /* (block) attention scores of one head */
+    float *h = qkv + (size_t)B * QKV;  /* (B, 2H), then (B, V): the head's output when slots are not 0..B-1 */
     const float scale = 1.0f / sqrtf((float)hs);
     const size_t head_stride = (size_t)c->block_size * hs;
+    const Mat wte = mat_at(c, w, ws, W_WTE);
 
     for (int ti = 0; ti < T; ti++) {
-        const int pos = pos0 + ti;
         for (int b = 0; b < B; b++) {
-            embed_row(x + b * C, w[W_WTE], bf, tokens[(size_t)b * T + ti], C);
+            embed_row(x + b * C, wte, tokens[(size_t)b * T + ti], C);
             if (c->pos_kind == 1) {
-                const float *p = (const float *)w[W_POS] + (size_t)pos * C;
+                const float *p = (const float *)w[W_POS] + (size_t)(pos[b] + ti) * C;
                 for (int i = 0; i < C; i++) x[b * C + i] += p[i];
             }
         }
         for (int l = 0; l < L; l++) {
-            const void *const *lw = w + N_GLOBAL + N_PER_LAYER * l;
+            const int at = N_GLOBAL + N_PER_LAYER * l;
+            const void *const *lw = w + at;
             /* attention */
             for (int b = 0; b < B; b++) {
                 if (c->pre_norm)
@@ -215,46 +312,38 @@ int pico_forward(const PicoCfg *c, const void *const *w, float *kc, float *vc, f
                 else
                     memcpy(xn + b * C, x + b * C, sizeof(float) * C);
             }
-            matvec(qkv, lw[L_QKV], bf, lw[L_QKV_B], xn, B, QKV, C);
+            matvec(qkv, mat_at(c, w, ws, at + L_QKV), lw[L_QKV_B], xn, B, QKV, C);
             const int W = (c->window && !(c->window_alternate && (l % 2))) ? c->window : 0;
-            const int first = W && pos - W + 1 > 0 ? pos - W + 1 : 0;  /* the oldest key this query sees */
             const float *sinks = (const float *)lw[L_SINKS];
             for (int b = 0; b < B; b++) {
+                const int p = pos[b] + ti, s = slot ? slot[b] : b;
                 float *q = qkv + (size_t)b * QKV, *k = q + nh * hs, *v = k + nkv * hs;
                 for (int hd = 0; hd < nh + nkv; hd++) {  /* q heads, then k heads: norm, rotate */
                     float *r = q + hd * hs;  /* k follows q, so k head j is q + (nh + j) hs */
                     if (lw[L_QNORM]) norm(r, r, hd < nh ? lw[L_QNORM] : lw[L_KNORM], NULL, hs, 0, c->eps);
                     if (c->pos_kind == 2)
-                        rope(r, (const float *)w[W_COS] + (size_t)pos * half,
-                             (const float *)w[W_SIN] + (size_t)pos * half, half);
+                        rope(r, (const float *)w[W_COS] + (size_t)p * half, (const float *)w[W_SIN] + (size_t)p * half, half);
                 }
                 for (int kh = 0; kh < nkv; kh++) {
-                    size_t base = (((size_t)l * B + b) * nkv + kh) * head_stride;
-                    memcpy(kc + base + (size_t)pos * hs, k + kh * hs, sizeof(float) * hs);
-                    memcpy(vc + base + (size_t)pos * hs, v + kh * hs, sizeof(float) * hs);
-                }
-                for (int hd = 0; hd < nh; hd++) {
-                    size_t base = (((size_t)l * B + b) * nkv + hd / group) * head_stride;
-                    const float *kh = kc + base, *vh = vc + base, *qh = q + hd * hs;
-                    float mx = sinks ? sinks[hd] : -INFINITY;
-                    for (int j = first; j <= pos; j++) {
-                        att[j] = dot_f32(qh, kh + (size_t)j * hs, hs) * scale;
-                        if (att[j] > mx) mx = att[j];
-                    }
-                    float sum = sinks ? expf(sinks[hd] - mx) : 0.0f;  /* a sink joins the denominator only */
-                    for (int j = first; j <= pos; j++) {
-                        att[j] = expf(att[j] - mx);
-                        sum += att[j];
-                    }
-                    float *yh = y + (size_t)b * C + hd * hs;
-                    memset(yh, 0, sizeof(float) * hs);
-                    for (int j = first; j <= pos; j++) {
-                        const float p = att[j] / sum, *vj = vh + (size_t)j * hs;
-                        for (int i = 0; i < hs; i++) yh[i] += p * vj[i];
-                    }
+                    size_t base = (((size_t)l * n_slots + s) * nkv + kh) * head_stride;
+                    memcpy(kc + base + (size_t)p * hs, k + kh * hs, sizeof(float) * hs);
+                    memcpy(vc + base + (size_t)p * hs, v + kh * hs, sizeof(float) * hs);
                 }
             }
-            matvec(a, lw[L_PROJ], bf, lw[L_PROJ_B], y, B, C, C);
+            /* every (row, head) pair on its own: split across the threads */
+#pragma omp parallel
+            {
+                float att[c->block_size];
+#pragma omp for schedule(static)
+                for (int bh = 0; bh < B * nh; bh++) {
+                    const int b = bh / nh, hd = bh % nh, p = pos[b] + ti, s = slot ? slot[b] : b;
+                    const int first = W && p - W + 1 > 0 ? p - W + 1 : 0;  /* the oldest key this query sees */
+                    const size_t base = (((size_t)l * n_slots + s) * nkv + hd / group) * head_stride;
+                    attend(y + (size_t)b * C + hd * hs, qkv + (size_t)b * QKV + hd * hs, kc + base, vc + base, first,
+                           p, hs, scale, sinks ? sinks + hd : NULL, att);
+                }
+            }
+            matvec(a, mat_at(c, w, ws, at + L_PROJ), lw[L_PROJ_B], y, B, C, C);
             if (c->pre_norm) {
                 for (int i = 0; i < B * C; i++) x[i] += a[i];
                 for (int b = 0; b < B; b++)
@@ -266,8 +355,9 @@ int pico_forward(const PicoCfg *c, const void *const *w, float *kc, float *vc, f
                 memcpy(xn, x, sizeof(float) * B * C);
             }
             /* MLP */
+            const Mat fc = mat_at(c, w, ws, at + L_FC);
             if (c->swiglu) {
-                matvec(h, lw[L_FC], bf, lw[L_FC_B], xn, B, 2 * H, C);
+                matvec(h, fc, lw[L_FC_B], xn, B, 2 * H, C);
                 for (int b = 0; b < B; b++) {
                     float *hb = h + (size_t)b * 2 * H, *dst = h + (size_t)b * H;
                     for (int i = 0; i < H; i++) {
@@ -278,13 +368,13 @@ int pico_forward(const PicoCfg *c, const void *const *w, float *kc, float *vc, f
                     }
                 }
             } else if (c->relu2) {
-                matvec(h, lw[L_FC], bf, lw[L_FC_B], xn, B, H, C);
+                matvec(h, fc, lw[L_FC_B], xn, B, H, C);
                 for (int i = 0; i < B * H; i++) h[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;
             } else {
-                matvec(h, lw[L_FC], bf, lw[L_FC_B], xn, B, H, C);
+                matvec(h, fc, lw[L_FC_B], xn, B, H, C);
                 for (int i = 0; i < B * H; i++) h[i] = 0.5f * h[i] * (1.0f + erff(h[i] * 0.70710678118654752f));
             }
-            matvec(a, lw[L_MPROJ], bf, lw[L_MPROJ_B], h, B, C, H);
+            matvec(a, mat_at(c, w, ws, at + L_MPROJ), lw[L_MPROJ_B], h, B, C, H);
             if (c->pre_norm) {
                 for (int i = 0; i < B * C; i++) x[i] += a[i];
             } else {
@@ -300,8 +390,184 @@ int pico_forward(const PicoCfg *c, const void *const *w, float *kc, float *vc, f
         else
             memcpy(xn + b * C, x + b * C, sizeof(float) * C);
     }
-    matvec(logits, w[W_HEAD], bf, NULL, xn, B, c->vocab, C);
+    int contiguous = 1;  /* the rows' slots are 0..B-1: the head writes straight into logits */
+    for (int b = 0; b < B && slot; b++) contiguous &= slot[b] == b;
+    float *head_out = contiguous ? logits : h + (size_t)2 * B * H;  /* else (B, V) scratch, then to the slots */
+    matvec(head_out, mat_at(c, w, ws, W_HEAD), NULL, xn, B, c->vocab, C);
+    if (!contiguous)
+        for (int b = 0; b < B; b++)
+            memcpy(logits + (size_t)slot[b] * c->vocab, head_out + (size_t)b * c->vocab, sizeof(float) * c->vocab);
     if (c->softcap > 0.0f)
-        for (int64_t i = 0; i < (int64_t)B * c->vocab; i++) logits[i] = c->softcap * tanhf(logits[i] / c->softcap);
+        for (int b = 0; b < B; b++) {
+            float *r = logits + (size_t)(slot ? slot[b] : b) * c->vocab;
+            for (int i = 0; i < c->vocab; i++) r[i] = c->softcap * tanhf(r[i] / c->softcap);
+        }
     return PICO_OK;
+}
+
+/* ---- sampling ---- */
+
+typedef struct { float p; int32_t id; } Cand;
+
+static int cand_desc(const void *a, const void *b) {
+    const Cand *x = a, *y = b;
+    if (x->p != y->p) return x->p > y->p ? -1 : 1;
+    return x->id < y->id ? -1 : (x->id > y->id);
+}
+
+static int64_t argmax(const float *x, int V) {
+    int64_t best = 0;
+    for (int i = 1; i < V; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static int float_desc(const void *a, const void *b) {
+    const float x = *(const float *)a, y = *(const float *)b;
+    return x > y ? -1 : (x < y);
+}
+
+/* The k-th largest value of x (V values); work: V floats. */
+static float kth_largest(const float *x, int V, int k, float *work) {
+    memcpy(work, x, sizeof(float) * (size_t)V);
+    qsort(work, (size_t)V, sizeof(float), float_desc);
+    return work[k - 1];
+}
+
+/* One draw from row `logits` (V values) as sample_next draws it, from the uniform number u in [0, 1).
+   work: 3 V floats. The probabilities are softmax(logits / temperature) over the top-k; top-p keeps the
+   smallest set of most probable ids whose mass reaches top_p (the crossing id kept); the draw locates
+   u * (kept mass) in the cumulative sums (accumulated in double, as torch's cumsum does on a CPU). */
+int64_t pico_sample(const float *logits, int V, const PicoSampling *smp, float u, float *work) {
+    if (smp->greedy || smp->temperature == 0.0f) return argmax(logits, V);
+    float *x = work;
+    Cand *cand = (Cand *)(work + V);
+    for (int i = 0; i < V; i++) x[i] = smp->temperature != 1.0f ? logits[i] / smp->temperature : logits[i];
+    if (smp->top_k > 0 && smp->top_k < V) {
+        const float kth = kth_largest(x, V, smp->top_k, (float *)cand);
+        for (int i = 0; i < V; i++)
+            if (x[i] < kth) x[i] = -INFINITY;
+    }
+    float mx = -INFINITY;
+    for (int i = 0; i < V; i++) mx = x[i] > mx ? x[i] : mx;
+    float sum = 0.0f;
+    for (int i = 0; i < V; i++) sum += (x[i] = expf(x[i] - mx));
+    for (int i = 0; i < V; i++) x[i] /= sum;
+    if (!(smp->top_p < 1.0f)) {  /* plain: cumulative sums in id order */
+        double acc = 0.0;
+        float total = 0.0f;
+        for (int i = 0; i < V; i++) total = (float)(acc += x[i]);
+        const float target = u * total;
+        acc = 0.0;
+        for (int i = 0; i < V; i++)
+            if ((float)(acc += x[i]) > target) return i;
+        return V - 1;
+    }
+    /* top-p: the ids at or above a threshold whose mass reaches top_p hold the nucleus (its crossing id is
+       at least that probable), so only they are sorted; the threshold halves from the largest probability */
+    float thr = 0.0f;
+    for (int i = 0; i < V; i++) thr = x[i] > thr ? x[i] : thr;
+    int n = 0;
+    for (;;) {
+        thr *= 0.5f;
+        double mass = 0.0;
+        for (int i = 0; i < V; i++)
+            if (x[i] >= thr) mass += x[i];
+        if (mass >= smp->top_p || thr == 0.0f) break;
+    }
+    for (int i = 0; i < V; i++)
+        if (x[i] >= thr && x[i] > 0.0f) cand[n++] = (Cand){x[i], i};
+    qsort(cand, (size_t)n, sizeof(Cand), cand_desc);
+    /* n_keep = #{j : cum_j - p_j < top_p}; the cumulative sums as float32, as torch compares them */
+    double acc = 0.0;
+    int keep = 0;
+    float mass = 0.0f;
+    for (int j = 0; j < n; j++) {
+        const float cum = (float)(acc += cand[j].p);
+        if (cum - cand[j].p < smp->top_p) {
+            keep = j + 1;
+            mass = cum;
+        }
+    }
+    if (keep == 0) return cand[0].id;
+    const float target = u * mass;
+    acc = 0.0;
+    for (int j = 0; j < keep; j++)
+        if ((float)(acc += cand[j].p) > target) return cand[j].id;
+    return cand[keep - 1].id;
+}
+
+/* Rows of logits (B, V) -> ids, one draw each (u: B uniform numbers); smp: one per row. */
+void pico_sample_rows(const float *logits, int B, int V, const PicoSampling *smp, const float *u, int64_t *out,
+                      float *work) {
+    for (int b = 0; b < B; b++) out[b] = pico_sample(logits + (size_t)b * V, V, smp + b, u ? u[b] : 0.0f, work);
+}
+
+/* ---- the loop ---- */
+
+/* Up to n decode positions for B rows. At each, every live row samples a token from its logits (those of
+   its KV-cache slot slot[b]) with its own settings smp[b] and uniform number u[s * B + b] (u may be NULL
+   when every row is greedy), then the live rows' tokens are fed back in one batched step.
+   A row is live until it draws its stop id stop[b] (-1: none) or has produced left[b] tokens (left counts
+   down); a finished row is not fed and writes stop[b] to out. Its tokens are appended to its history,
+   hist + b * hist_cap (n_hist[b] held, the prompt's last tokens first); when its KV cache is full
+   (pos[b] == block_size) the row is rebuilt from its last block_size / 2 tokens, as picollm/sampling.py
+   slides its window. keep_logits (n, B, V), if given, receives the logits each token was drawn from.
+   Returns the positions written to out (n, B): fewer than n once no row is live; or -PICO_*.
+   work: 3 V floats; scratch: the forward's, for B rows. */
+int pico_generate(const PicoCfg *c, const void *const *w, const float *const *ws, float *kc, float *vc,
+                  float *scratch, int n_slots, int B, const int32_t *slot, int32_t *pos, int64_t *hist,
+                  int32_t *n_hist, int hist_cap, const PicoSampling *smp, const float *u, int n,
+                  const int64_t *stop, int32_t *left, uint8_t *done, float *logits, float *keep_logits,
+                  int64_t *out, float *work) {
+    const int V = c->vocab, keep = c->block_size / 2 > 1 ? c->block_size / 2 : 1;
+    for (int b = 0; b < B; b++) {
+        if (slot[b] < 0 || slot[b] >= n_slots || pos[b] < 1 || pos[b] > c->block_size) return -PICO_BAD_POSITION;
+        if (!done[b] && (n_hist[b] < pos[b] || n_hist[b] + (n < left[b] ? n : left[b]) > hist_cap)) return -PICO_BAD_HISTORY;
+    }
+    int64_t *feed = malloc(sizeof(int64_t) * (size_t)B);
+    int32_t *fslot = malloc(sizeof(int32_t) * (size_t)B), *fpos = malloc(sizeof(int32_t) * (size_t)B);
+    int32_t *frow = malloc(sizeof(int32_t) * (size_t)B);
+    int produced = 0, rc = PICO_OK;
+    for (int s = 0; s < n && rc == PICO_OK; s++) {
+        int live = 0;
+        for (int b = 0; b < B; b++) {
+            const float *row = logits + (size_t)slot[b] * V;
+            int64_t tok = stop[b];
+            if (!done[b]) {
+                tok = pico_sample(row, V, smp + b, u ? u[(size_t)s * B + b] : 0.0f, work);
+                if (keep_logits) memcpy(keep_logits + ((size_t)s * B + b) * V, row, sizeof(float) * V);
+                if (tok == stop[b] || --left[b] <= 0) done[b] = 1;
+            }
+            out[(size_t)s * B + b] = tok;
+            live += !done[b];
+        }
+        produced = s + 1;
+        if (live == 0) break;
+        int nf = 0;
+        for (int b = 0; b < B && rc == PICO_OK; b++) {
+            if (done[b]) continue;
+            const int64_t tok = out[(size_t)s * B + b];
+            hist[(size_t)b * hist_cap + n_hist[b]++] = tok;
+            if (pos[b] + 1 > c->block_size) {  /* slide: rebuild the row from its last `keep` tokens */
+                const int32_t zero = 0;
+                rc = pico_forward(c, w, ws, kc, vc, scratch, hist + (size_t)b * hist_cap + n_hist[b] - keep, 1, keep,
+                                  &zero, slot + b, n_slots, logits);
+                if (rc == PICO_OK) pos[b] = keep;
+            } else {
+                feed[nf] = tok;
+                fslot[nf] = slot[b];
+                fpos[nf] = pos[b];
+                frow[nf++] = b;
+            }
+        }
+        if (rc == PICO_OK && nf) rc = pico_forward(c, w, ws, kc, vc, scratch, feed, nf, 1, fpos, fslot, n_slots, logits);
+        if (rc == PICO_OK)
+            for (int f = 0; f < nf; f++) pos[frow[f]] = fpos[f] + 1;
+    }
+    free(feed);
+    free(fslot);
+    free(fpos);
+    free(frow);
+    return rc == PICO_OK ? produced : -rc;
 }
