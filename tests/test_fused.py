@@ -1,6 +1,7 @@
 """The fused CPU decode step (models/fused_decode.c) against the PyTorch Transformer it stands in for."""
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -10,8 +11,9 @@ import picollm.models.fused as fused
 from picollm.config import ModelConfig, SampleConfig
 from picollm.errors import PicoError
 from picollm.models import build_model
-from picollm.models.fused import FusedDecoder, fused_unavailable
-from picollm.sampling import decoder_for, generate
+from picollm import sampling
+from picollm.models.fused import FusedDecoder, FusedRows, fused_unavailable
+from picollm.sampling import decode_steps, decoder_for, generate
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,23 +80,54 @@ def test_fused_step_with_bf16_weights_is_the_float32_math_on_the_rounded_weights
 
 
 def test_generate_draws_the_same_tokens_through_either_decoder(monkeypatch):
+    """generate() through the fused decoder runs the whole loop in C (one FusedRows.run call for every
+    token); the tokens equal the Python loop's over the PyTorch step, and over the fused step."""
     cfg = ModelConfig(vocab_size=50, block_size=16, n_embd=32, n_layer=2, n_head=2)
     m = perturbed(cfg, seed=3)
     prompt = torch.randint(50, (2, 5))
-    fused_steps, real_step = [], FusedDecoder.step
-    monkeypatch.setattr(FusedDecoder, "step", lambda self, idx, st: fused_steps.append(idx.size(1)) or real_step(self, idx, st))
+    runs, real_run = [], FusedRows.run
+    monkeypatch.setattr(FusedRows, "run", lambda self, n, u, keep=False: runs.append(n) or real_run(self, n, u, keep))
     for scfg in (SampleConfig(max_new_tokens=40, greedy=True),  # 40 > block_size: the window slides
                  SampleConfig(max_new_tokens=40, top_p=0.9, temperature=1.3, seed=7),
-                 SampleConfig(max_new_tokens=40, top_k=5, seed=11)):
-        fused_steps.clear()
+                 SampleConfig(max_new_tokens=40, top_k=5, seed=11),
+                 SampleConfig(max_new_tokens=40, top_k=7, top_p=0.6, temperature=0.8, seed=5)):
+        runs.clear()
         a = generate(m, prompt, scfg, decoder="fused")
-        # the prefix, then one call per new token but the last: single tokens, or the window rebuilt
-        # from the last block_size // 2 tokens
-        assert fused_steps[0] == 5 and len(fused_steps) == 40 and set(fused_steps[1:]) == {1, 8}
+        assert runs == [40]  # one call into C for the whole loop
         b = generate(m, prompt, scfg, decoder="torch")
-        assert len(fused_steps) == 40  # the PyTorch path never touched it
+        assert runs == [40]  # the PyTorch path never touched it
+        with torch.no_grad():
+            c = torch.stack([t for t, _ in sampling._decode(FusedDecoder(m), prompt, scfg, None)], dim=1)
         assert a.shape == (2, 45)
         assert torch.equal(a, b), scfg
+        assert torch.equal(a[:, 5:], c), scfg
+
+
+def test_the_c_loop_streams_in_chunks_with_the_logits_of_each_draw():
+    """decode_steps with chunk k: the same tokens in calls of k positions; each yielded logits row is the
+    distribution the token was drawn from (greedy: its argmax); stop at end-of-text ends every row."""
+    cfg = ModelConfig(vocab_size=40, block_size=12, n_embd=32, n_layer=2, n_head=2)
+    m = perturbed(cfg, seed=4)
+    prompt = torch.randint(40, (3, 4))
+    scfg = SampleConfig(max_new_tokens=30, top_p=0.8, seed=3)
+    whole = torch.stack([t for t, _ in decode_steps(m, prompt, scfg, decoder="fused", chunk=30, logits=False)])
+    for k in (1, 7):
+        got = list(decode_steps(m, prompt, scfg, decoder="fused", chunk=k))
+        assert torch.equal(torch.stack([t for t, _ in got]), whole)
+    greedy = SampleConfig(max_new_tokens=30, greedy=True)
+    for t, lg in decode_steps(m, prompt, greedy, decoder="fused", chunk=4):
+        assert torch.equal(t, lg.argmax(-1))
+    eot = int(whole[:, :2].flatten().mode().values)  # drawn by rows 0 and 1 at least
+    stop = SampleConfig(max_new_tokens=30, top_p=0.8, seed=3, stop_at_eot=True)
+    a = torch.stack([t for t, _ in decode_steps(m, prompt, stop, eot_id=eot, decoder="fused", chunk=30)])
+    b = torch.stack([t for t, _ in sampling._decode(FusedDecoder(m), prompt, stop, eot)])
+    assert torch.equal(a, b)
+    assert a.size(0) == 30 or bool((a[-1] == eot).all())  # it ends when every row has finished
+    for r in range(3):
+        hits = (a[:, r] == eot).nonzero()
+        assert r == 2 or len(hits)
+        if len(hits):  # a finished row stays finished
+            assert bool((a[int(hits[0]):, r] == eot).all())
 
 
 def test_auto_picks_fused_for_small_cpu_transformer_batches_only():
@@ -161,3 +194,55 @@ def test_without_a_compiler_generation_falls_back_to_pytorch(monkeypatch, tmp_pa
     assert out.shape == (1, 7)
     with pytest.raises(PicoError, match="--decoder fused: no C compiler"):
         generate(m, torch.tensor([[1, 2]]), SampleConfig(max_new_tokens=5), decoder="fused")
+
+
+SAMPLERS = [SampleConfig(greedy=True), SampleConfig(), SampleConfig(temperature=0.7), SampleConfig(top_k=1),
+            SampleConfig(top_k=20, temperature=1.5), SampleConfig(top_p=0.9), SampleConfig(top_p=0.3, temperature=0.6),
+            SampleConfig(top_p=0.95, top_k=50), SampleConfig(top_p=0.999, temperature=2.0)]
+
+
+@pytest.mark.parametrize("scfg", SAMPLERS, ids=lambda c: f"T{c.temperature}-k{c.top_k}-p{c.top_p}-g{int(c.greedy)}")
+def test_the_c_sampler_draws_what_sample_next_draws(scfg):
+    """Over 400 seeds of 8 rows each, peaked and flat rows, vocabularies of 37 and 4096: the C sampler given
+    the uniform numbers sample_next draws picks its token. The C softmax's exp is not torch's bit for bit,
+    so where u lands within float rounding (1e-6) of the boundary between two neighbouring tokens of the
+    cumulative distribution either may be picked: the only difference allowed, and it must be rare."""
+    from picollm.models.fused import sample_rows
+    from picollm.sampling import sample_next
+
+    boundary = total = 0
+    for V in (37, 4096):
+        for seed in range(200):
+            g = torch.Generator().manual_seed(seed)
+            scale = (0.5, 2.0, 6.0)[seed % 3]  # flat to peaked
+            logits = torch.randn(8, V, generator=g) * scale
+            logits[seed % 8, : V // 5] = logits[seed % 8, 0]  # ties among the leaders
+            want = sample_next(logits, scfg, torch.Generator().manual_seed(seed))
+            u = None if scfg.greedy else torch.rand(8, 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+            got = sample_rows(logits, scfg, u)
+            total += 8
+            for r in (~(logits[torch.arange(8), want] == logits[torch.arange(8), got])).nonzero()[:, 0].tolist():
+                assert _at_a_boundary(logits[r], scfg, float(u[r]), int(want[r]), int(got[r])), (V, seed, r)
+                boundary += 1
+    assert boundary <= total // 1000, f"{boundary} of {total} draws fell on a boundary"
+
+
+def _at_a_boundary(logits, scfg, u: float, a: int, b: int) -> bool:
+    """Tokens a and b neighbour in the draw's order (by id without top-p, by probability with it) and u
+    times the kept mass is within 1e-6 of the cumulative probability between them."""
+    from picollm.sampling import next_token_distribution
+
+    full = next_token_distribution(logits[None], dataclasses.replace(scfg, top_p=None))[0].double()
+    if scfg.top_p is None:
+        order = torch.arange(full.numel())
+        mass = 1.0
+    else:
+        order = torch.argsort(full, descending=True, stable=True)
+        kept = next_token_distribution(logits[None], scfg)[0] > 0
+        mass = float(full[kept].sum())
+    rank = {int(t): i for i, t in enumerate(order.tolist())}
+    ra, rb = rank[a], rank[b]
+    if abs(ra - rb) != 1:
+        return False
+    edge = float(full[order[: max(ra, rb)]].sum())
+    return abs(u * mass - edge) < 1e-6

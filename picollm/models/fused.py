@@ -347,7 +347,7 @@ class FusedRows:
         self.left = torch.zeros(S, dtype=torch.int32)
         self.done = torch.ones(S, dtype=torch.uint8)  # a row is idle until started
         self.smp = (_Sampling * S)()
-        self.work = torch.empty(3 * V)
+        self.work = torch.empty(5 * V)  # the C sampler's
 
     @property
     def slots(self) -> int:
@@ -393,3 +393,18 @@ class FusedRows:
     def free(self, rows: list[int]) -> None:
         """Ends rows early (a client that went away): their slots can start again."""
         self.done[torch.tensor(rows, dtype=torch.long)] = 1
+
+
+def sample_rows(logits: torch.Tensor, cfg, u: Optional[torch.Tensor]) -> torch.Tensor:
+    """The C sampler on logits (B, V) with one uniform number per row (u (B,); None when greedy): the draw
+    sampling.sample_next makes from the same numbers. What pico_generate samples with, exposed for tests."""
+    lib = _library()
+    B, V = logits.shape
+    logits = logits.float().contiguous()
+    smp = (_Sampling * B)(*([sampling_struct(cfg)] * B))
+    out = torch.empty(B, dtype=torch.int64)
+    uu = None if u is None else u.float().contiguous()
+    work = torch.empty(5 * V)
+    lib.pico_sample_rows(logits.data_ptr(), B, V, smp, None if uu is None else uu.data_ptr(), out.data_ptr(),
+                         work.data_ptr())
+    return out

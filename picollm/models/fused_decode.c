@@ -101,74 +101,106 @@ static inline const float *row_scales(Mat m, int j, int n_in) {
 }
 
 #ifdef __AVX512F__
-/* 32 consecutive weights of a row, from element off (i within the row, a multiple of 32), as two float32
-   vectors. */
-static inline void load32(Mat m, size_t off, const float *rs, int i, __m512 *lo, __m512 *hi) {
-    if (m.type == WT_F32) {
-        *lo = _mm512_loadu_ps((const float *)m.w + off);
-        *hi = _mm512_loadu_ps((const float *)m.w + off + 16);
-    } else if (m.type == WT_BF16) {
-        const uint16_t *p = (const uint16_t *)m.w + off;
-        *lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-        *hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 16))), 16));
-    } else {  /* the 32 share one scale */
-        const int8_t *p = (const int8_t *)m.w + off;
-        const __m512 s = _mm512_set1_ps(rs[i / QGROUP]);
-        *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))), s);
-        *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16)))), s);
-    }
+/* 16 consecutive weights of a row, from element off (i within the row, a multiple of 16), as float32. */
+static inline __attribute__((always_inline)) __m512 load16(Mat m, const int type, size_t off, const float *rs, int i) {
+    if (type == WT_F32) return _mm512_loadu_ps((const float *)m.w + off);
+    if (type == WT_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)m.w + off))), 16));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)m.w + off)))),
+                         _mm512_set1_ps(rs[i / QGROUP]));
 }
 #endif
 
-/* out[b * ostride + j] = W[j, :] . x[b, :] for NB rows b of x and one row j of W (n_in inputs).
-   Each sum runs in the same order for any NB (two 16-lane accumulators over 32-input blocks, then the
-   tail), so a row's result does not depend on the batch; NB is a constant at each call, so the compiler
-   keeps the 2 NB accumulators in registers and loads (and widens) each weight once for all NB rows. */
-static inline __attribute__((always_inline)) void dot_block(float *out, size_t ostride, Mat m, int j,
-                                                            const float *x, int n_in, const int NB) {
-    const size_t row_off = (size_t)j * n_in;
-    const float *rs = row_scales(m, j, n_in);
-    float s[4];
+/* out[b * ostride + j] = W[j, :] . x[b, :] for RJ rows j0.. of W and NB rows of x (n_in inputs). Each
+   (j, b) sum has two 16-lane accumulators, for the even and the odd 16-input blocks; they are added and
+   reduced, then the tail is added in order: the same order for every RJ and NB, so a row's result does
+   not depend on the batch. RJ and NB are constants at each call: the 2 RJ NB accumulators stay in
+   registers and each weight is loaded (and widened) once for NB rows of x. */
+static inline __attribute__((always_inline)) void dot_tile(float *out, size_t ostride, Mat m, int j0,
+                                                           const float *x, int n_in, const int RJ, const int NB,
+                                                           const int type) {
+    const float *rs[2];
+    float s[2][4];
+    for (int r = 0; r < RJ; r++) rs[r] = row_scales(m, j0 + r, n_in);
     int i = 0;
 #ifdef __AVX512F__
-    __m512 a0[4], a1[4];
-    for (int b = 0; b < NB; b++) a0[b] = a1[b] = _mm512_setzero_ps();
+    __m512 a0[2][4], a1[2][4];
+    for (int r = 0; r < RJ; r++)
+        for (int b = 0; b < NB; b++) a0[r][b] = a1[r][b] = _mm512_setzero_ps();
     for (; i + 32 <= n_in; i += 32) {
-        __m512 wlo, whi;
-        load32(m, row_off + i, rs, i, &wlo, &whi);
+        __m512 xlo[4], xhi[4];
         for (int b = 0; b < NB; b++) {
-            a0[b] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(x + (size_t)b * n_in + i), a0[b]);
-            a1[b] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(x + (size_t)b * n_in + i + 16), a1[b]);
+            xlo[b] = _mm512_loadu_ps(x + (size_t)b * n_in + i);
+            xhi[b] = _mm512_loadu_ps(x + (size_t)b * n_in + i + 16);
+        }
+        for (int r = 0; r < RJ; r++) {
+            const size_t off = (size_t)(j0 + r) * n_in + i;
+            const __m512 wlo = load16(m, type, off, rs[r], i), whi = load16(m, type, off + 16, rs[r], i + 16);
+            for (int b = 0; b < NB; b++) {
+                a0[r][b] = _mm512_fmadd_ps(wlo, xlo[b], a0[r][b]);
+                a1[r][b] = _mm512_fmadd_ps(whi, xhi[b], a1[r][b]);
+            }
         }
     }
-    for (int b = 0; b < NB; b++) s[b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b]));
-#else
-    for (int b = 0; b < NB; b++) s[b] = 0.0f;
-#endif
-    for (; i < n_in; i++) {
-        const float wi = weight_at(m, row_off, rs, i);
-        for (int b = 0; b < NB; b++) s[b] += wi * x[(size_t)b * n_in + i];
+    if (i + 16 <= n_in) {
+        for (int r = 0; r < RJ; r++) {
+            const __m512 wv = load16(m, type, (size_t)(j0 + r) * n_in + i, rs[r], i);
+            for (int b = 0; b < NB; b++) a0[r][b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (size_t)b * n_in + i), a0[r][b]);
+        }
+        i += 16;
     }
-    for (int b = 0; b < NB; b++) out[(size_t)b * ostride] = s[b];
+    for (int r = 0; r < RJ; r++)
+        for (int b = 0; b < NB; b++) s[r][b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][b], a1[r][b]));
+#else
+    for (int r = 0; r < RJ; r++)
+        for (int b = 0; b < NB; b++) s[r][b] = 0.0f;
+#endif
+    for (; i < n_in; i++)
+        for (int r = 0; r < RJ; r++) {
+            const float wi = weight_at(m, (size_t)(j0 + r) * n_in, rs[r], i);
+            for (int b = 0; b < NB; b++) s[r][b] += wi * x[(size_t)b * n_in + i];
+        }
+    for (int r = 0; r < RJ; r++)
+        for (int b = 0; b < NB; b++) out[(size_t)b * ostride + j0 + r] = s[r][b];
 }
 
-/* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out; W is (n_out, n_in), row-major. Rows of
-   W are split across the OpenMP threads (torch's own libgomp, already loaded, so one thread pool); each
-   weight row is read once for up to 4 rows of x. */
+/* out[b, j] = W[j, :] . x[b, :] for the rows j0 .. j0 + RJ - 1 of W and every b < B, 4 rows of x at a time. */
+static inline __attribute__((always_inline)) void rows_tile(float *out, int n_out, Mat m, int j0, const float *x,
+                                                            int B, int n_in, const int RJ, const int type) {
+    int b = 0;
+    for (; b + 4 <= B; b += 4) dot_tile(out + (size_t)b * n_out, n_out, m, j0, x + (size_t)b * n_in, n_in, RJ, 4, type);
+    float *o = out + (size_t)b * n_out;
+    const float *xb = x + (size_t)b * n_in;
+    if (B - b == 3) dot_tile(o, n_out, m, j0, xb, n_in, RJ, 3, type);
+    if (B - b == 2) dot_tile(o, n_out, m, j0, xb, n_in, RJ, 2, type);
+    if (B - b == 1) dot_tile(o, n_out, m, j0, xb, n_in, RJ, 1, type);
+}
+
+/* One tile of W's rows for a weight type known here: at batch 1 row t; else rows 2t, 2t + 1 (the last tile
+   of an odd n_out: one row). */
+static inline __attribute__((always_inline)) void tile_of(float *out, int n_out, Mat m, int t, const float *x, int B,
+                                                          int n_in, const int type) {
+    if (B == 1) rows_tile(out, n_out, m, t, x, B, n_in, 1, type);
+    else if (2 * t + 1 == n_out) rows_tile(out, n_out, m, 2 * t, x, B, n_in, 1, type);
+    else rows_tile(out, n_out, m, 2 * t, x, B, n_in, 2, type);
+}
+
+/* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out; W is (n_out, n_in), row-major. At batch 1
+   a row of W at a time (one sequential stream per thread: a large model reads its weights from memory
+   near the memory's bandwidth), else two, for 4 rows of x at a time. The tiles are split across the
+   OpenMP threads (torch's own libgomp, already loaded, so one thread pool). */
 static void matvec(float *out, Mat m, const float *bias, const float *x, int B, int n_out, int n_in) {
+    const int n_tiles = B == 1 ? n_out : (n_out + 1) / 2;
 #pragma omp parallel for schedule(static)
-    for (int j = 0; j < n_out; j++) {
-        int b = 0;
-        for (; b + 4 <= B; b += 4) dot_block(out + (size_t)b * n_out + j, n_out, m, j, x + (size_t)b * n_in, n_in, 4);
-        switch (B - b) {
-            case 3: dot_block(out + (size_t)b * n_out + j, n_out, m, j, x + (size_t)b * n_in, n_in, 3); break;
-            case 2: dot_block(out + (size_t)b * n_out + j, n_out, m, j, x + (size_t)b * n_in, n_in, 2); break;
-            case 1: dot_block(out + (size_t)b * n_out + j, n_out, m, j, x + (size_t)b * n_in, n_in, 1); break;
-            default: break;
-        }
-        if (bias)
-            for (int r = 0; r < B; r++) out[(size_t)r * n_out + j] += bias[j];
+    for (int t = 0; t < n_tiles; t++) {
+        if (m.type == WT_F32) tile_of(out, n_out, m, t, x, B, n_in, WT_F32);
+        else if (m.type == WT_BF16) tile_of(out, n_out, m, t, x, B, n_in, WT_BF16);
+        else tile_of(out, n_out, m, t, x, B, n_in, WT_INT8);
     }
+    if (bias)
+        for (int r = 0; r < B; r++)
+            for (int j = 0; j < n_out; j++) out[(size_t)r * n_out + j] += bias[j];
 }
 
 static void embed_row(float *dst, Mat m, int64_t tok, int C) {
@@ -407,12 +439,94 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
 
 /* ---- sampling ---- */
 
+/* exp(x) for 16 lanes: 2^n * e^r with n = round(x log2 e) and |r| <= ln2 / 2, e^r by its degree-6 Taylor
+   polynomial (within 2 ulp of expf); x below -104 (where expf underflows) gives 0, -inf included. */
+#ifdef __AVX512F__
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  /* ln 2 in two parts, Cody-Waite */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* x[i] = exp(x[i] - mx) for i < V; returns their sum. */
+static float exp_shifted(float *x, int V, float mx) {
+    int i = 0;
+    float sum = 0.0f;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    const __m512 m = _mm512_set1_ps(mx);
+    for (; i + 16 <= V; i += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), m));
+        _mm512_storeu_ps(x + i, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < V; i++) sum += (x[i] = expf(x[i] - mx));
+    return sum;
+}
+
+/* A float's bits as an unsigned key in the same order (negatives below positives). */
+static inline uint32_t order_key(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u >> 31 ? ~u : u | 0x80000000u;
+}
+
+/* The k-th largest of x (V values, 1 <= k <= V): a radix select on order_key, a byte at a time from the
+   top, each pass counting the values that share the prefix chosen so far. */
+static float kth_largest(const float *x, int V, int k) {
+    uint32_t prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        int count[256] = {0};
+        for (int i = 0; i < V; i++) {
+            const uint32_t key = order_key(x[i]);
+            if ((key & mask) == prefix) count[(key >> shift) & 255]++;
+        }
+        int d = 255;
+        for (; d > 0 && count[d] < k; d--) k -= count[d];
+        prefix |= (uint32_t)d << shift;
+        mask |= 255u << shift;
+    }
+    const uint32_t u = prefix >> 31 ? prefix & 0x7fffffffu : ~prefix;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 typedef struct { float p; int32_t id; } Cand;
 
-static int cand_desc(const void *a, const void *b) {
-    const Cand *x = a, *y = b;
-    if (x->p != y->p) return x->p > y->p ? -1 : 1;
-    return x->id < y->id ? -1 : (x->id > y->id);
+/* Sorts n candidates by probability, descending (ties by id, ascending: the input order): an LSD radix sort
+   on the probability's bits, 8 at a time, skipping the bytes every candidate shares. tmp: n more. */
+static void sort_desc(Cand *c, Cand *tmp, int n) {
+    for (int shift = 0; shift < 32; shift += 8) {
+        int count[257] = {0};
+        uint32_t bits;
+        for (int i = 0; i < n; i++) {
+            memcpy(&bits, &c[i].p, sizeof bits);
+            count[255 - ((bits >> shift) & 255) + 1]++;  /* 255 - digit: larger first */
+        }
+        int same = 0;
+        for (int d = 1; d <= 256; d++) same |= count[d] == n;
+        if (same) continue;
+        for (int d = 1; d <= 256; d++) count[d] += count[d - 1];
+        for (int i = 0; i < n; i++) {
+            memcpy(&bits, &c[i].p, sizeof bits);
+            tmp[count[255 - ((bits >> shift) & 255)]++] = c[i];
+        }
+        memcpy(c, tmp, sizeof(Cand) * (size_t)n);
+    }
 }
 
 static int64_t argmax(const float *x, int V) {
@@ -422,79 +536,72 @@ static int64_t argmax(const float *x, int V) {
     return best;
 }
 
-static int float_desc(const void *a, const void *b) {
-    const float x = *(const float *)a, y = *(const float *)b;
-    return x > y ? -1 : (x < y);
-}
-
-/* The k-th largest value of x (V values); work: V floats. */
-static float kth_largest(const float *x, int V, int k, float *work) {
-    memcpy(work, x, sizeof(float) * (size_t)V);
-    qsort(work, (size_t)V, sizeof(float), float_desc);
-    return work[k - 1];
+static inline int exponent_of(float p) {
+    uint32_t u;
+    memcpy(&u, &p, sizeof u);
+    return (int)((u >> 23) & 255);
 }
 
 /* One draw from row `logits` (V values) as sample_next draws it, from the uniform number u in [0, 1).
-   work: 3 V floats. The probabilities are softmax(logits / temperature) over the top-k; top-p keeps the
+   work: 5 V floats. The probabilities are softmax(logits / temperature) over the top-k; top-p keeps the
    smallest set of most probable ids whose mass reaches top_p (the crossing id kept); the draw locates
-   u * (kept mass) in the cumulative sums (accumulated in double, as torch's cumsum does on a CPU). */
+   u * (kept mass) in the cumulative sums (accumulated in double and compared as float32, as torch's cumsum
+   on a CPU). Only the ids that can be in the nucleus are sorted: those in the float exponents, from the
+   top, that hold top_p of the mass (the crossing id is at least as probable as the smallest of them). */
 int64_t pico_sample(const float *logits, int V, const PicoSampling *smp, float u, float *work) {
     if (smp->greedy || smp->temperature == 0.0f) return argmax(logits, V);
     float *x = work;
-    Cand *cand = (Cand *)(work + V);
+    Cand *cand = (Cand *)(work + V), *tmp = cand + V;
     for (int i = 0; i < V; i++) x[i] = smp->temperature != 1.0f ? logits[i] / smp->temperature : logits[i];
     if (smp->top_k > 0 && smp->top_k < V) {
-        const float kth = kth_largest(x, V, smp->top_k, (float *)cand);
+        const float kth = kth_largest(x, V, smp->top_k);
         for (int i = 0; i < V; i++)
             if (x[i] < kth) x[i] = -INFINITY;
     }
     float mx = -INFINITY;
     for (int i = 0; i < V; i++) mx = x[i] > mx ? x[i] : mx;
-    float sum = 0.0f;
-    for (int i = 0; i < V; i++) sum += (x[i] = expf(x[i] - mx));
-    for (int i = 0; i < V; i++) x[i] /= sum;
+    const float inv = 1.0f / exp_shifted(x, V, mx);
+    for (int i = 0; i < V; i++) x[i] *= inv;
     if (!(smp->top_p < 1.0f)) {  /* plain: cumulative sums in id order */
         double acc = 0.0;
-        float total = 0.0f;
-        for (int i = 0; i < V; i++) total = (float)(acc += x[i]);
-        const float target = u * total;
+        for (int i = 0; i < V; i++) acc += x[i];
+        const float target = u * (float)acc;
         acc = 0.0;
         for (int i = 0; i < V; i++)
             if ((float)(acc += x[i]) > target) return i;
         return V - 1;
     }
-    /* top-p: the ids at or above a threshold whose mass reaches top_p hold the nucleus (its crossing id is
-       at least that probable), so only they are sorted; the threshold halves from the largest probability */
-    float thr = 0.0f;
-    for (int i = 0; i < V; i++) thr = x[i] > thr ? x[i] : thr;
-    int n = 0;
+    double mass_at[256] = {0};
+    for (int i = 0; i < V; i++) mass_at[exponent_of(x[i])] += x[i];
+    int lowest = 255;
+    double mass = 0.0;
+    while (lowest > 0 && mass < smp->top_p) mass += mass_at[lowest--];
     for (;;) {
-        thr *= 0.5f;
-        double mass = 0.0;
+        int n = 0;
         for (int i = 0; i < V; i++)
-            if (x[i] >= thr) mass += x[i];
-        if (mass >= smp->top_p || thr == 0.0f) break;
-    }
-    for (int i = 0; i < V; i++)
-        if (x[i] >= thr && x[i] > 0.0f) cand[n++] = (Cand){x[i], i};
-    qsort(cand, (size_t)n, sizeof(Cand), cand_desc);
-    /* n_keep = #{j : cum_j - p_j < top_p}; the cumulative sums as float32, as torch compares them */
-    double acc = 0.0;
-    int keep = 0;
-    float mass = 0.0f;
-    for (int j = 0; j < n; j++) {
-        const float cum = (float)(acc += cand[j].p);
-        if (cum - cand[j].p < smp->top_p) {
+            if (x[i] > 0.0f && exponent_of(x[i]) > lowest) cand[n++] = (Cand){x[i], i};
+        sort_desc(cand, tmp, n);
+        /* kept: #{j : cum_j - p_j < top_p}, the cumulative sums as float32, as torch compares them */
+        double acc = 0.0;
+        int keep = 0;
+        float kept_mass = 0.0f;
+        for (int j = 0; j < n; j++) {
+            const float cum = (float)(acc += cand[j].p);
+            if (!(cum - cand[j].p < smp->top_p)) break;
             keep = j + 1;
-            mass = cum;
+            kept_mass = cum;
         }
+        if (keep == n && lowest > 0) {  /* rounding kept every candidate: widen the set and redo */
+            lowest--;
+            continue;
+        }
+        if (keep == 0) return cand[0].id;
+        const float target = u * kept_mass;
+        acc = 0.0;
+        for (int j = 0; j < keep; j++)
+            if ((float)(acc += cand[j].p) > target) return cand[j].id;
+        return cand[keep - 1].id;
     }
-    if (keep == 0) return cand[0].id;
-    const float target = u * mass;
-    acc = 0.0;
-    for (int j = 0; j < keep; j++)
-        if ((float)(acc += cand[j].p) > target) return cand[j].id;
-    return cand[keep - 1].id;
 }
 
 /* Rows of logits (B, V) -> ids, one draw each (u: B uniform numbers); smp: one per row. */
@@ -514,7 +621,7 @@ void pico_sample_rows(const float *logits, int B, int V, const PicoSampling *smp
    (pos[b] == block_size) the row is rebuilt from its last block_size / 2 tokens, as picollm/sampling.py
    slides its window. keep_logits (n, B, V), if given, receives the logits each token was drawn from.
    Returns the positions written to out (n, B): fewer than n once no row is live; or -PICO_*.
-   work: 3 V floats; scratch: the forward's, for B rows. */
+   work: 5 V floats; scratch: the forward's, for B rows. */
 int pico_generate(const PicoCfg *c, const void *const *w, const float *const *ws, float *kc, float *vc,
                   float *scratch, int n_slots, int B, const int32_t *slot, int32_t *pos, int64_t *hist,
                   int32_t *n_hist, int hist_cap, const PicoSampling *smp, const float *u, int n,
