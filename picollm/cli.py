@@ -26,7 +26,7 @@ from .config import SampleConfig
 from .data.corpus import build_corpus, prepared_table
 from .data.prepare import info_table
 from .data.sources import generate_numbers
-from .device import DEVICE_CHOICES, enable_transparent_huge_pages, resolve_device, resolve_precision
+from .device import DEVICE_CHOICES, enable_transparent_huge_pages, resolve_device
 from .errors import PicoError
 from .evaluate import evaluate_runs
 from .experiments.compare import compare_runs
@@ -48,7 +48,7 @@ from .flags import (
 )
 from .fsio import write_json, write_text
 from .models.hooks import hooks_attached
-from .sampling import generate_text, sample_settings
+from .sampling import for_sampling, generate_text, sample_settings
 from .tables import md_table
 from .training import train, train_models
 from .training.distributed import broadcast_object, join_processes, teardown_distributed
@@ -100,21 +100,21 @@ def cmd_generate(a: argparse.Namespace) -> int:
     check_greedy(a)
     device = resolve_device(a.device_id)
     model, tok, (mcfg, dcfg, tcfg) = ckpt.load_run(a.run, device)
-    dtype = resolve_precision(a.precision, device)
-    if dtype is not None:  # test loss moved by <= 0.0002 nats in bf16 for each family; decoding ~1.2x faster
-        model = model.to(dtype)
+    if a.steer and (a.decoder == "fused" or a.precision == "int8"):
+        raise PicoError("--steer runs hooks, which the fused decoder (and so --weights int8) does not; use "
+                        "--decoder torch or auto")
+    # bf16: test loss moved by <= 0.0002 nats for each family; int8: see bench/RESULTS.md
+    model, decoder = for_sampling(model, a.precision, device, "torch" if a.steer else a.decoder)
     prompt = tcfg.prompt if a.prompt is None else a.prompt  # "": unconditional, from end-of-text
     base = SampleConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                         greedy=a.greedy, stop_at_eot=a.stop_at_eot, seed=a.seed)
     if a.num_samples < 1:
         raise PicoError("--num_samples must be >= 1")
-    if a.steer and a.decoder == "fused":
-        raise PicoError("--steer runs hooks, which the fused decoder does not; use --decoder torch or auto")
     with hooks_attached(model, steering_hooks(a.steer, model)):  # the fused C step runs no hooks: torch
-        return _generate(a, model, tok, prompt, base, device, "torch" if a.steer else a.decoder)
+        return _generate(a, model, tok, prompt, base, device, decoder)
 
 
-def _generate(a: argparse.Namespace, model, tok, prompt: str, base: SampleConfig, device: str, decoder: str) -> int:
+def _generate(a: argparse.Namespace, model, tok, prompt: str, base: SampleConfig, device: str, decoder) -> int:
     if a.compare_p:
         rows = [(label, text) for label, cfg in sample_settings(a.compare_p, base)
                 for text in generate_text(model, tok, prompt, cfg, num_samples=1 if cfg.greedy else a.num_samples,
@@ -135,7 +135,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise PicoError(f"--json {a.json}: its directory does not exist")
     results = evaluate_runs(a.run, log=lambda m: print(m, file=sys.stderr), input_files=a.input_files,
                             batch_size=a.batch_size, max_batches=a.eval_batches, device=resolve_device(a.device_id),
-                            precision=a.precision)
+                            precision=a.precision, weights=a.weights)
     one = list(results) == [a.run]  # a run; else a folder of runs: one block per run, headed by its path
     for run, result in results.items():
         if not one:
@@ -272,8 +272,9 @@ def generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--num_samples", type=int, default=1)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--compare_p", default=None, help="e.g. greedy,0.2,0.5,0.95,1.0: a Markdown table")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="weights for sampling: auto = bf16 where the hardware runs it fast (as training's autocast), else fp32")
+    g.add_argument("--precision", "--weights", dest="precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                   help="weights for sampling: auto = bf16 where the hardware runs it fast (as training's autocast), "
+                        "else fp32; int8 = the fused decoder with int8 weights, a scale per 32 inputs (Q8_0-like)")
     add_device_arg(g)
     g.add_argument("--decoder", choices=["auto", "fused", "torch"], default="auto",
                    help="Transformer decode step: fused = one C call per token on a CPU (compiled at first use), "
@@ -291,6 +292,9 @@ def eval_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--json", default=None)
     e.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: the precision the run trained in (its --precision, resolved for this machine)")
+    e.add_argument("--weights", choices=["model", "int8"], default="model",
+                   help="int8: score the Transformer with its matmul weights rounded as `generate --weights int8` "
+                        "reads them (the test-loss cost of int8)")
     add_device_arg(e)
 
 
@@ -369,8 +373,8 @@ def serve_args(sv: argparse.ArgumentParser) -> None:
     sv.add_argument("--chat_template", default=None, metavar="FILE.json",
                     help="the chat layout: a JSON object with system/user/assistant/generation/stop "
                          "(default: 'User: ...' / 'Assistant: ...' lines; see picollm/serve/protocol.py)")
-    sv.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                    help="weights for sampling, as generate's")
+    sv.add_argument("--precision", "--weights", dest="precision", choices=["auto", "fp32", "bf16", "int8"],
+                    default="auto", help="weights for sampling, as generate's")
     sv.add_argument("--decoder", choices=["auto", "fused", "torch"], default="auto", help="as generate's")
     add_device_arg(sv)
 

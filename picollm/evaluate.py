@@ -10,16 +10,27 @@ from .data.batches import Source, tokenize_split
 from .data.corpus import build_corpus, is_numeric_text
 from .data.sources import read_text_files
 from .device import autocast_factory, resolve_precision
+from .errors import PicoError
 from .metrics import continuation_accuracy, evaluate_sources
+from .models.fused import int8_rounded
+from .models.transformer import Transformer
 
 
 def evaluate_run(run_dir: str, input_files: Optional[list[str]] = None, batch_size: int = 32,
-                 max_batches: int = 50, device: str = "cpu", precision: Optional[str] = None) -> dict:
+                 max_batches: int = 50, device: str = "cpu", precision: Optional[str] = None,
+                 weights: str = "model") -> dict:
     """Test loss, perplexity, bits per byte (and continuation accuracy on numeric data) of a run, scored as
     its training scored them: on the kind of rows it trained on (its DataConfig.batching) and in the
     precision it trained in (its TrainConfig.precision resolved for `device`; `precision` overrides:
-    auto | fp32 | bf16 | fp16)."""
+    auto | fp32 | bf16 | fp16). weights="int8": the Transformer's matmul weights rounded to int8 as
+    `generate --weights int8` reads them (models/fused.py's int8_rounded), so its loss change shows."""
     model, tok, (mcfg, dcfg, tcfg) = load_run(run_dir, device)
+    if weights == "int8":
+        if not isinstance(model, Transformer):
+            raise PicoError(f"--weights int8 rounds a Transformer's weights; {run_dir} is a {mcfg.model}")
+        model = int8_rounded(model)
+    elif weights != "model":
+        raise PicoError(f"--weights must be model or int8, got {weights!r}")
     autocast = autocast_factory(device, resolve_precision(precision or tcfg.precision, device))
     if input_files:
         docs = read_text_files(input_files, mode=dcfg.input_mode)

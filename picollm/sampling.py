@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 import torch
 
 from .config import SampleConfig
+from .device import resolve_precision
 from .errors import PicoError
 from .models.fused import FusedDecoder, FusedRows, fused_unavailable
 
@@ -115,6 +116,21 @@ def decoder_for(model, decoder="auto", batch_size: int = 1):
     if decoder == "fused":
         raise PicoError(f"--decoder fused: {reason}")
     return model
+
+
+def for_sampling(model, precision: str, device: str, decoder="auto"):
+    """(model, decoder) for `--precision` (alias `--weights`) and `--decoder`: auto, fp32 and bf16 cast the
+    model, which PyTorch and the fused step both read as it is; int8 keeps it and builds the fused decoder
+    with int8 copies of its matmul weights (refused with one line where that cannot serve it)."""
+    if precision == "int8":
+        if decoder == "torch":
+            raise PicoError("--weights int8 is computed by the fused decoder only; drop --decoder torch")
+        reason = fused_unavailable(model, "int8")
+        if reason is not None:
+            raise PicoError(f"--weights int8: {reason}")
+        return model, FusedDecoder(model, "int8")
+    dtype = resolve_precision(precision, device)
+    return (model if dtype is None else model.to(dtype)), decoder
 
 
 def decode_steps(model, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int] = None,

@@ -35,8 +35,9 @@ from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 
 from ..checkpoint import WEIGHTS, checkpoint_file, load_run, read_summary, runs_under
 from ..config import SampleConfig
-from ..device import resolve_device, resolve_precision
+from ..device import resolve_device
 from ..errors import PicoError
+from ..sampling import for_sampling
 from .engine import Engine, Job, ServedModel
 from .protocol import (
     MAX_LOGPROBS,
@@ -72,18 +73,16 @@ def load_models(paths: list[str], device: str = "cpu", precision: str = "auto",
     if len(set(names)) < len(names):
         raise PicoError(f"two runs would be served under one name ({', '.join(names)}); serve them separately")
     served = []
-    dtype = resolve_precision(precision, device)
     for d, name in zip(dirs, names):
         model, tok, configs = load_run(d, device)
-        if dtype is not None:  # as `pico-llm generate --precision`
-            model = model.to(dtype)
+        model, model_decoder = for_sampling(model, precision, device, decoder)  # as `pico-llm generate --precision`
         try:
             summary = read_summary(d)
         except PicoError:  # a run still training, or stopped: served all the same
             summary = {}
         created = int(os.path.getmtime(checkpoint_file(d, WEIGHTS)))
         served.append(ServedModel(id=name, run_dir=d, model=model, tokenizer=tok, configs=configs,
-                                  summary=summary, created=created, decoder=decoder))
+                                  summary=summary, created=created, decoder=model_decoder))
     return served
 
 
