@@ -225,7 +225,8 @@ def _sse(server: str, body: dict) -> list[dict]:
 
 
 def test_concurrent_requests_interleave_without_changing_draws(server, loaded):
-    """Six streams at once on two slots: every one completes, each with the tokens it gets alone."""
+    """Six streams at once on two slots: every one completes, each with the tokens it gets alone, though
+    two at a time share one batched step of the fused decoder."""
     bodies = [{"prompt": p, "max_tokens": 40, "seed": i, "stream": True}
               for i, p in enumerate(["the cat", "a dog", "the bird", "a tree", "the house", "a mat"])]
     results: dict[int, str] = {}
@@ -241,6 +242,7 @@ def test_concurrent_requests_interleave_without_changing_draws(server, loaded):
     assert sorted(results) == list(range(len(bodies)))
     for i, b in enumerate(bodies):
         assert results[i] == ours(loaded, b["prompt"], max_new_tokens=40, seed=i)[0]
+    assert get(server + "/health")[1]["batch_max"] == 2  # the two slots' requests stepped together
 
 
 def test_disconnect_frees_the_slot(run_dir):

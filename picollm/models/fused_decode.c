@@ -629,7 +629,8 @@ int pico_generate(const PicoCfg *c, const void *const *w, const float *const *ws
                   int64_t *out, float *work) {
     const int V = c->vocab, keep = c->block_size / 2 > 1 ? c->block_size / 2 : 1;
     for (int b = 0; b < B; b++) {
-        if (slot[b] < 0 || slot[b] >= n_slots || pos[b] < 1 || pos[b] > c->block_size) return -PICO_BAD_POSITION;
+        if (slot[b] < 0 || slot[b] >= n_slots || (!done[b] && (pos[b] < 1 || pos[b] > c->block_size)))
+            return -PICO_BAD_POSITION;
         if (!done[b] && (n_hist[b] < pos[b] || n_hist[b] + (n < left[b] ? n : left[b]) > hist_cap)) return -PICO_BAD_HISTORY;
     }
     int64_t *feed = malloc(sizeof(int64_t) * (size_t)B);

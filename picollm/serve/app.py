@@ -417,7 +417,7 @@ def serve(runs: list[str], host: str = "127.0.0.1", port: int = 8000, *, device_
     device = resolve_device(device_id)
     models = load_models(runs, device, precision, decoder)
     sock = bind(host, port)
-    engine = Engine(max_active=max_active)
+    engine = Engine(max_active=max_active, max_new_tokens=max_tokens_limit)
     app = create_app(models, engine, template, max_tokens_limit)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}"

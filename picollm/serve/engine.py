@@ -1,12 +1,19 @@
-"""The server's decode engine: one thread that steps every active request in turn.
+"""The server's decode engine: one thread that advances every active request by a token each round.
 
-A request is a Job: one `decode_steps` iterator per prompt (picollm/sampling.py, the loop `generate` runs),
-whose rows are the prompt's n choices, as `pico-llm generate --num_samples n` batches them. So a seed gives
-the same tokens here as through `generate`. The engine admits up to max_active jobs, the others wait in
-arrival order; each round it advances every active job by one token. Concurrent streams are therefore
-interleaved token by token (time-sliced, not batched into one forward pass): each stream gets its first
-token after at most one round, and N streams share one stream's tokens/s (bench/serve_load.py measures
-both). A job whose client went away is dropped at its next turn, which frees its slot.
+A request is a Job: its prompts, each with n rows (its choices, as `pico-llm generate --num_samples n`
+batches them). The engine admits up to max_active jobs, the others wait in arrival order.
+
+Where the model decodes through the fused C step (a Transformer on the CPU), the rows of every active job
+share one RowPool: a FusedRows of pool_rows KV-cache slots. A job's rows join when it is admitted (its
+prompts fed in one call each), and each round one C call samples and feeds a token for every live row of
+every job together (continuous batching). So N concurrent streams cost one batched step, not N. Each
+prompt draws its uniform numbers from its own generator, as `decode_steps` does, and a row's logits do
+not depend on the rows beside it (fused_decode.c sums in the same order at any batch), so a seed gives the
+same tokens here as through `generate`, alone or beside other requests.
+
+Other models (LSTM, k-gram, a mixture of experts, a GPU), and a job with more rows than the pool holds,
+run their own `decode_steps` iterators, interleaved token by token. A job whose client went away is
+dropped at its next round, which frees its rows.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from typing import Callable, Optional
 import torch
 
 from ..config import SampleConfig
-from ..sampling import decode_steps
+from ..models.fused import FusedDecoder, FusedRows
+from ..sampling import decode_steps, decoder_for
 
 
 @dataclass
@@ -116,7 +124,11 @@ class Job:
         self.served, self.prompts, self.cfg, self.n, self.logprobs, self.emit = served, prompts, cfg, n, logprobs, emit
         tok = served.tokenizer
         self.choices = [ChoiceText(tok, stops, cfg.max_new_tokens) for _ in range(len(prompts) * n)]
-        self.steps: list = []  # one decode_steps iterator per prompt; None once it is done
+        self.steps: list = []  # time-sliced: one decode_steps iterator per prompt; None once it is done
+        self.pool: Optional[RowPool] = None  # pooled: the RowPool its rows are in,
+        self.slots: list[list[int]] = []  # the rows of each prompt there ([] once it is done),
+        self.gens: list = []  # and each prompt's generator
+        self.started = False
         self.cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -128,6 +140,7 @@ class Job:
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
     def start(self) -> None:
+        """Time-sliced: one decode_steps iterator per prompt."""
         model = self.served.model
         device = next(model.parameters()).device
         eot = self.served.tokenizer.eot_id
@@ -136,35 +149,92 @@ class Job:
             self.steps.append(decode_steps(model, idx, self.cfg, eot_id=eot, decoder=self.served.decoder))
 
     def advance(self) -> bool:
-        """One token of every unfinished prompt; False once every choice has finished."""
+        """Time-sliced: one token of every unfinished prompt; False once every choice has finished."""
         events: list[TokenEvent] = []
-        eot = self.served.tokenizer.eot_id
         for p, it in enumerate(self.steps):
             if it is None:
                 continue
-            rows = self.choices[p * self.n: (p + 1) * self.n]
             try:
                 nxt, logits = next(it)
             except StopIteration:
                 nxt = None
             if nxt is None:
-                events += [TokenEvent(p * self.n + j, c.end(), None, c.finish) for j, c in enumerate(rows) if not c.finish]
+                events += self._end(p)
                 self.steps[p] = None
                 continue
-            ids = nxt.tolist()
-            lp = self._logprobs(logits, ids) if self.logprobs is not None else None
-            for j, c in enumerate(rows):
-                if c.finish:
-                    continue
-                text = c.add(ids[j], eot)
-                shown = lp is not None and ids[j] != eot  # end-of-text ends the choice; it is not part of its text
-                events.append(TokenEvent(p * self.n + j, text, lp[j] if shown else None, c.finish))
-            if all(c.finish for c in rows):
+            events += self._deliver(p, nxt.tolist(), logits)
+            if self._finished(p):
                 it.close()
                 self.steps[p] = None
         if events:
             self.emit("tokens", events)
         return any(it is not None for it in self.steps)
+
+    # --- in a RowPool: the engine steps the rows of every pooled job together
+
+    def rows_needed(self) -> int:
+        return len(self.prompts) * self.n
+
+    def join(self, pool: "RowPool") -> None:
+        """Takes free rows of the pool and feeds the prompts; each prompt draws from its own generator."""
+        eot = self.served.tokenizer.eot_id
+        self.pool, self.slots, self.gens = pool, [], []
+        for ids in self.prompts:
+            rows = pool.take(self.n)
+            pool.rows.start(rows, torch.tensor([ids] * self.n, dtype=torch.long), self.cfg, eot)
+            self.slots.append(rows)
+            self.gens.append(None if self.cfg.seed is None else torch.Generator().manual_seed(self.cfg.seed))
+
+    def draw(self, u: torch.Tensor) -> None:
+        """This round's uniform numbers of the job's live rows into u (slots,), as sample_next draws them."""
+        if self.cfg.greedy or self.cfg.temperature == 0:
+            return
+        for rows, gen in zip(self.slots, self.gens):
+            if rows:
+                u[rows] = torch.rand(len(rows), 1, generator=gen)[:, 0]
+
+    def collect(self, tokens: torch.Tensor, logits: Optional[torch.Tensor]) -> bool:
+        """This round's tokens (slots,) (and logits (slots, V)) of the job's rows; False once every choice
+        has finished (its rows are back in the pool then)."""
+        events: list[TokenEvent] = []
+        for p, rows in enumerate(self.slots):
+            if not rows:
+                continue
+            events += self._deliver(p, tokens[rows].tolist(), None if logits is None else logits[rows])
+            if self._finished(p):
+                self.pool.give_back(rows)
+                self.slots[p] = []
+            else:  # a choice that a stop string ended: its row stops too
+                self.pool.rows.free([r for r, c in zip(rows, self._choices(p)) if c.finish])
+        if events:
+            self.emit("tokens", events)
+        return any(self.slots)
+
+    # --- shared
+
+    def _choices(self, p: int) -> list[ChoiceText]:
+        return self.choices[p * self.n: (p + 1) * self.n]
+
+    def _finished(self, p: int) -> bool:
+        return all(c.finish for c in self._choices(p))
+
+    def _end(self, p: int) -> list[TokenEvent]:
+        """The prompt's rows ran out of tokens: its unfinished choices end."""
+        return [TokenEvent(p * self.n + j, c.end(), None, c.finish) for j, c in enumerate(self._choices(p))
+                if not c.finish]
+
+    def _deliver(self, p: int, ids: list[int], logits: Optional[torch.Tensor]) -> list[TokenEvent]:
+        """The events of one token for each row of prompt p (its finished choices ignore theirs)."""
+        eot = self.served.tokenizer.eot_id
+        lp = self._logprobs(logits, ids) if self.logprobs is not None else None
+        events = []
+        for j, c in enumerate(self._choices(p)):
+            if c.finish:
+                continue
+            text = c.add(ids[j], eot)
+            shown = lp is not None and ids[j] != eot  # end-of-text ends the choice; it is not part of its text
+            events.append(TokenEvent(p * self.n + j, text, lp[j] if shown else None, c.finish))
+        return events
 
     def _logprobs(self, logits: torch.Tensor, ids: list[int]) -> list[dict]:
         """The chosen token's log-probability and the top alternatives, under the model's own distribution
@@ -184,18 +254,62 @@ class Job:
             if it is not None:
                 it.close()
         self.steps = [None] * len(self.steps)
+        for rows in self.slots:
+            if rows:
+                self.pool.give_back(rows)
+        self.slots = [[] for _ in self.slots]
+
+
+class RowPool:
+    """The fused decoder's rows for one served model (see the module docstring): rows KV-cache slots, taken by
+    jobs and given back, all stepped by one C call a round."""
+
+    def __init__(self, dec: FusedDecoder, rows: int, max_new_tokens: int):
+        self.rows = FusedRows(dec, rows, max_new_tokens)
+        self.free: list[int] = list(range(rows))
+        self.jobs: list[Job] = []
+
+    @property
+    def size(self) -> int:
+        return self.rows.slots
+
+    def take(self, n: int) -> list[int]:
+        taken, self.free = self.free[:n], self.free[n:]
+        return taken
+
+    def give_back(self, rows: list[int]) -> None:
+        self.rows.free(rows)
+        self.free += rows
+
+    def step(self) -> None:
+        """One token for every live row of every job in the pool; finished jobs leave it."""
+        S = self.size
+        u = torch.zeros(1, S)
+        for job in self.jobs:
+            job.draw(u[0])
+        sampled = any(not (j.cfg.greedy or j.cfg.temperature == 0) for j in self.jobs)
+        keep = any(j.logprobs is not None for j in self.jobs)
+        tokens, logits = self.rows.run(1, u if sampled else None, keep)
+        for job in list(self.jobs):
+            if not job.collect(tokens[0], None if logits is None else logits[0]):
+                self.jobs.remove(job)
 
 
 class Engine:
-    """The decode thread. submit() from any thread; stats() for /health."""
+    """The decode thread. submit() from any thread; stats() for /health. pool_rows: the KV-cache rows of
+    each fused model's RowPool (default 2 max_active); max_new_tokens: the most tokens a request may ask."""
 
-    def __init__(self, max_active: int = 8, max_queued: int = 256):
+    def __init__(self, max_active: int = 8, max_queued: int = 256, pool_rows: Optional[int] = None,
+                 max_new_tokens: int = 1024):
         self.max_active, self.max_queued = max_active, max_queued
+        self.pool_rows, self.max_new_tokens = pool_rows or 2 * max_active, max_new_tokens
+        self._pools: dict[int, Optional[RowPool]] = {}  # id(ServedModel) -> its pool, None: time-sliced
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._cv = threading.Condition()
         self._closed = False
-        self.counts = {"served": 0, "cancelled": 0, "failed": 0, "tokens": 0}
+        self.counts = {"served": 0, "cancelled": 0, "failed": 0, "tokens": 0,
+                       "batch_max": 0}  # the most requests one batched step has served together
         self._thread = threading.Thread(target=self._run, name="pico-llm-engine", daemon=True)
         self._thread.start()
 
@@ -230,32 +344,77 @@ class Engine:
                     continue
                 self._active.append(job)
 
+    def _pool_for(self, job: Job) -> Optional[RowPool]:
+        """The RowPool of the job's model, made at its first job; None where the model is not decoded by the
+        fused step, or the job has more rows than the pool."""
+        key = id(job.served)
+        if key not in self._pools:
+            dec = decoder_for(job.served.model, job.served.decoder, 1)
+            self._pools[key] = RowPool(dec, self.pool_rows, self.max_new_tokens) if isinstance(dec, FusedDecoder) else None
+        pool = self._pools[key]
+        return pool if pool is not None and job.rows_needed() <= pool.size else None
+
     def _run(self) -> None:
         while True:
             self._admit()
             if self._closed:
                 return
+            pools: dict[int, RowPool] = {}
             for job in list(self._active):
-                self._turn(job)
+                try:
+                    pool = self._pool_for(job)
+                except Exception as e:  # the fused decoder could not be made: say so, keep serving
+                    self._finish(job, "failed", f"{type(e).__name__}: {e}")
+                    continue
+                if pool is None:
+                    self._turn(job)
+                elif job.cancelled.is_set():
+                    if job in pool.jobs:
+                        pool.jobs.remove(job)
+                    self._finish(job, "cancelled")
+                elif job.pool is not None or len(pool.free) >= job.rows_needed():  # else it waits for rows
+                    if job.pool is None:
+                        job.join(pool)
+                        pool.jobs.append(job)
+                    pools[id(pool)] = pool
+            for pool in pools.values():
+                self._step(pool)
+
+    def _step(self, pool: RowPool) -> None:
+        """A round of the pool; its jobs that finished are done."""
+        before = list(pool.jobs)
+        self.counts["batch_max"] = max(self.counts["batch_max"], len(before))
+        try:
+            pool.step()
+        except Exception as e:  # the step failed: every job in it says so to its client, the pool is reset
+            for job in before:
+                self._finish(job, "failed", f"{type(e).__name__}: {e}")
+            pool.jobs.clear()
+            return
+        for job in before:
+            if job not in pool.jobs:
+                job.emit("done", job.usage())
+                self._finish(job, "served")
 
     def _turn(self, job: Job) -> None:
-        done, outcome = False, None
+        """A time-sliced job's token."""
         try:
             if job.cancelled.is_set():
-                done, outcome = True, "cancelled"
-            else:
-                if not job.steps:  # only this thread runs the models
-                    job.start()
-                done = not job.advance()
-                if done:
-                    outcome = "served"
-                    job.emit("done", job.usage())
+                self._finish(job, "cancelled")
+                return
+            if not job.steps:  # only this thread runs the models
+                job.start()
+            if not job.advance():
+                job.emit("done", job.usage())
+                self._finish(job, "served")
         except Exception as e:  # the model failed on this request: say so to its client, keep serving
-            done, outcome = True, "failed"
-            job.emit("error", f"{type(e).__name__}: {e}")
-        if done:
-            job.close()
-            with self._cv:
-                self._active.remove(job)
-                self.counts[outcome] += 1
-                self.counts["tokens"] += sum(c.tokens for c in job.choices)
+            self._finish(job, "failed", f"{type(e).__name__}: {e}")
+
+    def _finish(self, job: Job, outcome: str, error: Optional[str] = None) -> None:
+        if error is not None:
+            job.emit("error", error)
+        job.close()
+        with self._cv:
+            self._active.remove(job)
+            self.counts[outcome] += 1
+            self.counts["tokens"] += sum(c.tokens for c in job.choices)
