@@ -107,6 +107,7 @@ def _load() -> ctypes.CDLL:
                                   vp, vp, vp, vp, vp, vp, vp]
     lib.pico_sample_rows.restype = None
     lib.pico_sample_rows.argtypes = [vp, i32, i32, vp, vp, vp, vp]
+    lib.pico_release_threads.restype = None
     lib.pico_scratch_floats.restype = ctypes.c_int64
     lib.pico_scratch_floats.argtypes = [ctypes.POINTER(_Cfg), ctypes.c_int]
     return lib
@@ -124,6 +125,15 @@ def _library() -> ctypes.CDLL:
     if _lib is None:
         raise RuntimeError(_lib_error)
     return _lib
+
+
+def release_threads() -> None:
+    """Frees the calling thread's OpenMP workers (fused_decode.c's pico_release_threads says why): call it in
+    the thread that loaded the model before another thread decodes. Nothing where the step cannot be built."""
+    try:
+        _library().pico_release_threads()
+    except RuntimeError:
+        pass
 
 
 def fused_unavailable(model, weights: str = "model") -> Optional[str]:

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from ..config import SampleConfig
-from ..models.fused import FusedDecoder, FusedRows
+from ..models.fused import FusedDecoder, FusedRows, release_threads
 from ..sampling import decode_steps, decoder_for
 
 
@@ -311,6 +311,7 @@ class Engine:
         self.counts = {"served": 0, "cancelled": 0, "failed": 0, "tokens": 0,
                        "batch_max": 0}  # the most requests one batched step has served together
         self._thread = threading.Thread(target=self._run, name="pico-llm-engine", daemon=True)
+        release_threads()  # this thread's OpenMP team would slow the engine thread's (see release_threads)
         self._thread.start()
 
     def submit(self, job: Job) -> bool:
