@@ -82,7 +82,8 @@ enum {
 
 enum { WT_F32 = 0, WT_BF16 = 1, WT_INT8 = 2, QGROUP = 32 };
 
-typedef struct { const void *w; const float *s; int type; } Mat;  /* a matmul weight and its int8 scales */
+/* A matmul weight, its int8 scales, and (bf16) room for the input rounded to bf16: B * n_in values. */
+typedef struct { const void *w; const float *s; int type; uint16_t *xb; } Mat;
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -180,10 +181,91 @@ static inline __attribute__((always_inline)) void rows_tile(float *out, int n_ou
     if (B - b == 1) dot_tile(o, n_out, m, j0, xb, n_in, RJ, 1, type);
 }
 
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as _mm512_cvtneps_pbh */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Rows of x (B, n) rounded to bf16 into xb. */
+static void round_bf16(uint16_t *xb, const float *x, size_t n) {
+    size_t i = 0;
+#ifdef __AVX512BF16__
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+#endif
+    for (; i < n; i++) xb[i] = f32_to_bf16(x[i]);
+}
+
+/* dot_tile for bf16 weights and bf16 inputs xb: bf16 products are exact in float32, accumulated by
+   _mm512_dpbf16_ps (a pair of products per lane per instruction) in two accumulators over alternate
+   32-input blocks, then the tail in order; the same order at any RJ and NB, as dot_tile. */
+static inline __attribute__((always_inline)) void dot_tile_bf16(float *out, size_t ostride, Mat m, int j0,
+                                                                const uint16_t *xb, int n_in, const int RJ,
+                                                                const int NB) {
+    float s[2][4];
+    int i = 0;
+    const uint16_t *wr[2];
+    for (int r = 0; r < RJ; r++) wr[r] = (const uint16_t *)m.w + (size_t)(j0 + r) * n_in;
+#ifdef __AVX512BF16__
+    __m512 a0[2][4], a1[2][4];
+    for (int r = 0; r < RJ; r++)
+        for (int b = 0; b < NB; b++) a0[r][b] = a1[r][b] = _mm512_setzero_ps();
+    for (; i + 64 <= n_in; i += 64) {
+        __m512bh xl[4], xh[4];
+        for (int b = 0; b < NB; b++) {
+            xl[b] = (__m512bh)_mm512_loadu_si512(xb + (size_t)b * n_in + i);
+            xh[b] = (__m512bh)_mm512_loadu_si512(xb + (size_t)b * n_in + i + 32);
+        }
+        for (int r = 0; r < RJ; r++) {
+            const __m512bh wl = (__m512bh)_mm512_loadu_si512(wr[r] + i), wh = (__m512bh)_mm512_loadu_si512(wr[r] + i + 32);
+            for (int b = 0; b < NB; b++) {
+                a0[r][b] = _mm512_dpbf16_ps(a0[r][b], wl, xl[b]);
+                a1[r][b] = _mm512_dpbf16_ps(a1[r][b], wh, xh[b]);
+            }
+        }
+    }
+    if (i + 32 <= n_in) {
+        for (int r = 0; r < RJ; r++) {
+            const __m512bh wl = (__m512bh)_mm512_loadu_si512(wr[r] + i);
+            for (int b = 0; b < NB; b++)
+                a0[r][b] = _mm512_dpbf16_ps(a0[r][b], wl, (__m512bh)_mm512_loadu_si512(xb + (size_t)b * n_in + i));
+        }
+        i += 32;
+    }
+    for (int r = 0; r < RJ; r++)
+        for (int b = 0; b < NB; b++) s[r][b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][b], a1[r][b]));
+#else
+    for (int r = 0; r < RJ; r++)
+        for (int b = 0; b < NB; b++) s[r][b] = 0.0f;
+#endif
+    for (; i < n_in; i++)
+        for (int r = 0; r < RJ; r++)
+            for (int b = 0; b < NB; b++) s[r][b] += bf16_to_f32(wr[r][i]) * bf16_to_f32(xb[(size_t)b * n_in + i]);
+    for (int r = 0; r < RJ; r++)
+        for (int b = 0; b < NB; b++) out[(size_t)b * ostride + j0 + r] = s[r][b];
+}
+
+static inline __attribute__((always_inline)) void rows_tile_bf16(float *out, int n_out, Mat m, int j0, const uint16_t *xb,
+                                                                 int B, int n_in, const int RJ) {
+    int b = 0;
+    for (; b + 4 <= B; b += 4) dot_tile_bf16(out + (size_t)b * n_out, n_out, m, j0, xb + (size_t)b * n_in, n_in, RJ, 4);
+    float *o = out + (size_t)b * n_out;
+    const uint16_t *x = xb + (size_t)b * n_in;
+    if (B - b == 3) dot_tile_bf16(o, n_out, m, j0, x, n_in, RJ, 3);
+    if (B - b == 2) dot_tile_bf16(o, n_out, m, j0, x, n_in, RJ, 2);
+    if (B - b == 1) dot_tile_bf16(o, n_out, m, j0, x, n_in, RJ, 1);
+}
+
 /* One tile of W's rows for a weight type known here: at batch 1 row t; else rows 2t, 2t + 1 (the last tile
    of an odd n_out: one row). */
 static inline __attribute__((always_inline)) void tile_of(float *out, int n_out, Mat m, int t, const float *x, int B,
                                                           int n_in, const int type) {
+    if (type == WT_BF16) {  /* x was rounded into m.xb */
+        if (B == 1) rows_tile_bf16(out, n_out, m, t, m.xb, B, n_in, 1);
+        else if (2 * t + 1 == n_out) rows_tile_bf16(out, n_out, m, 2 * t, m.xb, B, n_in, 1);
+        else rows_tile_bf16(out, n_out, m, 2 * t, m.xb, B, n_in, 2);
+        return;
+    }
     if (B == 1) rows_tile(out, n_out, m, t, x, B, n_in, 1, type);
     else if (2 * t + 1 == n_out) rows_tile(out, n_out, m, 2 * t, x, B, n_in, 1, type);
     else rows_tile(out, n_out, m, 2 * t, x, B, n_in, 2, type);
@@ -195,6 +277,7 @@ static inline __attribute__((always_inline)) void tile_of(float *out, int n_out,
    OpenMP threads (torch's own libgomp, already loaded, so one thread pool). */
 static void matvec(float *out, Mat m, const float *bias, const float *x, int B, int n_out, int n_in) {
     const int n_tiles = B == 1 ? n_out : (n_out + 1) / 2;
+    if (m.type == WT_BF16) round_bf16(m.xb, x, (size_t)B * n_in);  /* bf16 weights take bf16 inputs */
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < n_tiles; t++) {
         if (m.type == WT_F32) tile_of(out, n_out, m, t, x, B, n_in, WT_F32);
@@ -255,7 +338,7 @@ static float dot_f32(const float *a, const float *b, int n) {
 /* Scratch floats needed for batch B: see the carve-up at the top of pico_forward. */
 int64_t pico_scratch_floats(const PicoCfg *c, int B) {
     int64_t C = c->n_embd, H = c->hidden, QKV = (int64_t)(c->n_head + 2 * c->n_kv_head) * c->head_size;
-    return (int64_t)B * (5 * C + QKV + 2 * H + c->vocab);
+    return (int64_t)B * (5 * C + QKV + 2 * H + c->vocab + (C > H ? C : H));
 }
 
 /* PICO_OK when every weight the configuration reads is there, else PICO_MISSING_WEIGHT. */
@@ -274,8 +357,8 @@ static int check_weights(const PicoCfg *c, const void *const *w, const float *co
     return PICO_OK;
 }
 
-static inline Mat mat_at(const PicoCfg *c, const void *const *w, const float *const *ws, int i) {
-    Mat m = {w[i], c->wtype == WT_INT8 ? ws[i] : NULL, c->wtype};
+static inline Mat mat_at(const PicoCfg *c, const void *const *w, const float *const *ws, int i, uint16_t *xb) {
+    Mat m = {w[i], c->wtype == WT_INT8 ? ws[i] : NULL, c->wtype, xb};
     return m;
 }
 
@@ -325,9 +408,10 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
     float *t = a + B * C;        /* (B, C) post-norm sum */
     float *qkv = t + B * C;      /* (B, (nh + 2 nkv) hs) */
     float *h = qkv + (size_t)B * QKV;  /* (B, 2H), then (B, V): the head's output when slots are not 0..B-1 */
+    uint16_t *xb = (uint16_t *)(h + (size_t)B * (2 * H + c->vocab));  /* (B, max(C, H)) bf16 matmul inputs */
     const float scale = 1.0f / sqrtf((float)hs);
     const size_t head_stride = (size_t)c->block_size * hs;
-    const Mat wte = mat_at(c, w, ws, W_WTE);
+    const Mat wte = mat_at(c, w, ws, W_WTE, NULL);
 
     for (int ti = 0; ti < T; ti++) {
         for (int b = 0; b < B; b++) {
@@ -347,7 +431,7 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                 else
                     memcpy(xn + b * C, x + b * C, sizeof(float) * C);
             }
-            matvec(qkv, mat_at(c, w, ws, at + L_QKV), lw[L_QKV_B], xn, B, QKV, C);
+            matvec(qkv, mat_at(c, w, ws, at + L_QKV, xb), lw[L_QKV_B], xn, B, QKV, C);
             const int W = (c->window && !(c->window_alternate && (l % 2))) ? c->window : 0;
             const float *sinks = (const float *)lw[L_SINKS];
             for (int b = 0; b < B; b++) {
@@ -378,7 +462,7 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                            p, hs, scale, sinks ? sinks + hd : NULL, att);
                 }
             }
-            matvec(a, mat_at(c, w, ws, at + L_PROJ), lw[L_PROJ_B], y, B, C, C);
+            matvec(a, mat_at(c, w, ws, at + L_PROJ, xb), lw[L_PROJ_B], y, B, C, C);
             if (c->pre_norm) {
                 for (int i = 0; i < B * C; i++) x[i] += a[i];
                 for (int b = 0; b < B; b++)
@@ -390,7 +474,7 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                 memcpy(xn, x, sizeof(float) * B * C);
             }
             /* MLP */
-            const Mat fc = mat_at(c, w, ws, at + L_FC);
+            const Mat fc = mat_at(c, w, ws, at + L_FC, xb);
             if (c->swiglu) {
                 matvec(h, fc, lw[L_FC_B], xn, B, 2 * H, C);
                 for (int b = 0; b < B; b++) {
@@ -409,7 +493,7 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                 matvec(h, fc, lw[L_FC_B], xn, B, H, C);
                 for (int i = 0; i < B * H; i++) h[i] = 0.5f * h[i] * (1.0f + erff(h[i] * 0.70710678118654752f));
             }
-            matvec(a, mat_at(c, w, ws, at + L_MPROJ), lw[L_MPROJ_B], h, B, C, H);
+            matvec(a, mat_at(c, w, ws, at + L_MPROJ, xb), lw[L_MPROJ_B], h, B, C, H);
             if (c->pre_norm) {
                 for (int i = 0; i < B * C; i++) x[i] += a[i];
             } else {
@@ -428,7 +512,7 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
     int contiguous = 1;  /* the rows' slots are 0..B-1: the head writes straight into logits */
     for (int b = 0; b < B && slot; b++) contiguous &= slot[b] == b;
     float *head_out = contiguous ? logits : h + (size_t)2 * B * H;  /* else (B, V) scratch, then to the slots */
-    matvec(head_out, mat_at(c, w, ws, W_HEAD), NULL, xn, B, c->vocab, C);
+    matvec(head_out, mat_at(c, w, ws, W_HEAD, xb), NULL, xn, B, c->vocab, C);
     if (!contiguous)
         for (int b = 0; b < B; b++)
             memcpy(logits + (size_t)slot[b] * c->vocab, head_out + (size_t)b * c->vocab, sizeof(float) * c->vocab);
