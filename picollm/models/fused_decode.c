@@ -116,6 +116,42 @@ static inline __attribute__((always_inline)) __m512 load16(Mat m, const int type
 }
 #endif
 
+#ifdef __AVX512F__
+/* The sums of 8 vectors' 16 lanes each, out[k] = sum(v[k]), by one transposing tree (~20 instructions
+   instead of 8 separate reductions). Each vector's lanes are added in the same order whatever the others
+   hold, so a tile pads with zero vectors without changing any sum. */
+static inline void reduce8(const __m512 v[8], float out[8]) {
+    __m512 w[4], u[2];
+    for (int i = 0; i < 4; i++)  /* 256-bit halves: v[2i] in quarters 0-1, v[2i+1] in 2-3 */
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; i++)  /* quarter q: 4 partial sums of v[4i + q] */
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 t = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
+    const __m512 t2 = _mm512_add_ps(t, _mm512_permute_ps(t, _MM_SHUFFLE(1, 0, 3, 2)));
+    float all[16];
+    _mm512_storeu_ps(all, t2);  /* quarter q: sum(v[q]) at 4q, sum(v[4 + q]) at 4q + 1 */
+    for (int q = 0; q < 4; q++) {
+        out[q] = all[4 * q];
+        out[4 + q] = all[4 * q + 1];
+    }
+}
+
+/* out[r][b] = sum(a0[r][b] + a1[r][b]) for the RJ x NB (<= 8) accumulator pairs of a tile. */
+static inline __attribute__((always_inline)) void reduce_tile(__m512 a0[2][4], __m512 a1[2][4], float s[2][4],
+                                                              const int RJ, const int NB) {
+    __m512 v[8];
+    float out[8];
+    for (int k = 0; k < 8; k++) v[k] = _mm512_setzero_ps();
+    for (int r = 0; r < RJ; r++)
+        for (int b = 0; b < NB; b++) v[r * 4 + b] = _mm512_add_ps(a0[r][b], a1[r][b]);
+    reduce8(v, out);
+    for (int r = 0; r < RJ; r++)
+        for (int b = 0; b < NB; b++) s[r][b] = out[r * 4 + b];
+}
+#endif
+
 /* out[b * ostride + j] = W[j, :] . x[b, :] for RJ rows j0.. of W and NB rows of x (n_in inputs). Each
    (j, b) sum has two 16-lane accumulators, for the even and the odd 16-input blocks; they are added and
    reduced, then the tail is added in order: the same order for every RJ and NB, so a row's result does
@@ -154,8 +190,7 @@ static inline __attribute__((always_inline)) void dot_tile(float *out, size_t os
         }
         i += 16;
     }
-    for (int r = 0; r < RJ; r++)
-        for (int b = 0; b < NB; b++) s[r][b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][b], a1[r][b]));
+    reduce_tile(a0, a1, s, RJ, NB);
 #else
     for (int r = 0; r < RJ; r++)
         for (int b = 0; b < NB; b++) s[r][b] = 0.0f;
@@ -232,8 +267,7 @@ static inline __attribute__((always_inline)) void dot_tile_bf16(float *out, size
         }
         i += 32;
     }
-    for (int r = 0; r < RJ; r++)
-        for (int b = 0; b < NB; b++) s[r][b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][b], a1[r][b]));
+    reduce_tile(a0, a1, s, RJ, NB);
 #else
     for (int r = 0; r < RJ; r++)
         for (int b = 0; b < NB; b++) s[r][b] = 0.0f;
@@ -362,23 +396,48 @@ static inline Mat mat_at(const PicoCfg *c, const void *const *w, const float *co
     return m;
 }
 
+static float exp_shifted(float *x, int V, float mx);
+
 /* Attention of one query head of one row over its cached keys first..pos (plus a sink, if any): the
-   weighted sum of values into yh. att: pos + 1 floats of scratch. */
+   weighted sum of values into yh. att: pos + 1 floats of scratch. With AVX-512 and hs a multiple of 16,
+   the scores of 8 keys at a time share one reduction tree, the softmax's exp is vectorized (exp16) and
+   the values are added 16 lanes at a time: at batch 8 the scalar loops cost as much as the matmuls. */
 static void attend(float *yh, const float *qh, const float *kh, const float *vh, int first, int pos, int hs,
                    float scale, const float *sink, float *att) {
+    float *sc = att + first;
+    const int n = pos - first + 1;
+    int j = 0;
+#ifdef __AVX512F__
+    const int wide = hs % 16 == 0;
+    if (wide)
+        for (; j + 8 <= n; j += 8) {
+            __m512 v[8];
+            float out[8];
+            for (int k = 0; k < 8; k++) {
+                const float *kr = kh + (size_t)(first + j + k) * hs;
+                __m512 acc = _mm512_setzero_ps();
+                for (int d = 0; d < hs; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kr + d), acc);
+                v[k] = acc;
+            }
+            reduce8(v, out);
+            for (int k = 0; k < 8; k++) sc[j + k] = out[k] * scale;
+        }
+#endif
+    for (; j < n; j++) sc[j] = dot_f32(qh, kh + (size_t)(first + j) * hs, hs) * scale;
     float mx = sink ? *sink : -INFINITY;
-    for (int j = first; j <= pos; j++) {
-        att[j] = dot_f32(qh, kh + (size_t)j * hs, hs) * scale;
-        if (att[j] > mx) mx = att[j];
-    }
-    float sum = sink ? expf(*sink - mx) : 0.0f;  /* a sink joins the denominator only */
-    for (int j = first; j <= pos; j++) {
-        att[j] = expf(att[j] - mx);
-        sum += att[j];
-    }
+    for (j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+    const float sum = exp_shifted(sc, n, mx) + (sink ? expf(*sink - mx) : 0.0f);  /* a sink: the denominator only */
     memset(yh, 0, sizeof(float) * hs);
-    for (int j = first; j <= pos; j++) {
-        const float p = att[j] / sum, *vj = vh + (size_t)j * hs;
+    for (j = 0; j < n; j++) {
+        const float p = sc[j] / sum, *vj = vh + (size_t)(first + j) * hs;
+#ifdef __AVX512F__
+        if (wide) {
+            const __m512 pv = _mm512_set1_ps(p);
+            for (int d = 0; d < hs; d += 16)
+                _mm512_storeu_ps(yh + d, _mm512_fmadd_ps(pv, _mm512_loadu_ps(vj + d), _mm512_loadu_ps(yh + d)));
+            continue;
+        }
+#endif
         for (int i = 0; i < hs; i++) yh[i] += p * vj[i];
     }
 }
