@@ -237,6 +237,83 @@ def generate(model, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int] 
     return tokens[:, :n]
 
 
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], cfg: SampleConfig, eot_id: Optional[int] = None,
+                   decoder="auto") -> list[list[int]]:
+    """Prompts of different lengths -> each prompt followed by its new tokens (up to cfg.max_new_tokens;
+    with cfg.stop_at_eot a row ends at its first eot, which is kept). Ragged, not padded: through the
+    fused decoder each prompt has its own KV-cache slot and position and every position is one C call for
+    all rows (the server's RowPool batches its requests the same way); other models step each row in turn.
+    Either way each position draws a (B, 1) of uniform numbers from the seed's generator and samples every
+    row with sample_next's rule, so both paths give the same tokens."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise PicoError("generate_batch needs at least one prompt, each of at least one token")
+    stepper = decoder_for(model, decoder, 1)
+    was_training = model.training
+    model.eval()
+    try:
+        B = len(prompts)
+        gen = _generator(cfg, "cpu" if isinstance(stepper, FusedDecoder) else next(model.parameters()).device)
+        greedy = cfg.greedy or cfg.temperature == 0
+        stop = eot_id if cfg.stop_at_eot else None
+        if isinstance(stepper, FusedDecoder):
+            rows = FusedRows(stepper, B, cfg.max_new_tokens)
+            for r, p in enumerate(prompts):
+                rows.start([r], torch.tensor([p]), cfg, stop)
+            toks, _ = rows.run(cfg.max_new_tokens, None if greedy else torch.rand(cfg.max_new_tokens, B, generator=gen))
+        else:
+            toks = _ragged_torch(stepper, prompts, cfg, stop, gen)
+    finally:
+        if was_training:
+            model.train()
+    out = []
+    for r, p in enumerate(prompts):
+        new = toks[:, r].tolist()
+        if stop is not None and stop in new:
+            new = new[: new.index(stop) + 1]
+        out.append(list(p) + new)
+    return out
+
+
+def _ragged_torch(model, prompts: list[list[int]], cfg: SampleConfig, stop: Optional[int], gen) -> torch.Tensor:
+    """generate_batch's loop for a model without the fused step: a state per row, fed one row at a time;
+    the rows' logits are sampled together. Tokens (n, B); a finished row repeats its stop id."""
+    device = next(model.parameters()).device
+    B, steps = len(prompts), []
+    max_ctx = getattr(model, "max_context", None)
+    hist = [list(p) for p in prompts]
+    states, last = [], []
+    for p in prompts:
+        st = model.new_state(1, device)
+        lg, st = model.step(torch.tensor([p if max_ctx is None else p[-max_ctx:]], device=device), st)
+        states.append(st)
+        last.append(lg[0, -1])
+    held = [min(len(p), max_ctx or len(p)) for p in prompts]
+    done = torch.zeros(B, dtype=torch.bool)
+    for i in range(cfg.max_new_tokens):
+        nxt = sample_next(torch.stack(last), cfg, gen).cpu()
+        if stop is not None:
+            nxt = nxt.masked_fill(done, stop)
+            done |= nxt == stop
+        steps.append(nxt)
+        if i == cfg.max_new_tokens - 1 or bool(done.all()):
+            break
+        for r in range(B):
+            if bool(done[r]):
+                continue
+            hist[r].append(int(nxt[r]))
+            if max_ctx is not None and held[r] + 1 > max_ctx:
+                keep = max(1, max_ctx // 2)
+                states[r] = model.new_state(1, device)
+                lg, states[r] = model.step(torch.tensor([hist[r][-keep:]], device=device), states[r])
+                held[r] = keep
+            else:
+                lg, states[r] = model.step(nxt[r:r + 1, None].to(device), states[r])
+                held[r] += 1
+            last[r] = lg[0, -1]
+    return torch.stack(steps)
+
+
 def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, num_samples: int = 1, device="cpu",
                   decoder="auto") -> list[str]:
     """Prompt text -> num_samples completions (prompt included), decoded. An empty prompt samples
