@@ -30,7 +30,7 @@ from .export import llama_config, llama_state_dict
 from .metrics import evaluate_sources, lm_loss
 from .models import build_model, num_params
 from .models.fused import fused_unavailable
-from .sampling import generate, sample_next
+from .sampling import for_sampling, generate, generate_batch, sample_next
 from .training import Stepper, train_step
 from .training.compile import maybe_compile
 from .training.optim import make_optimizer
@@ -377,6 +377,96 @@ def bench_tokenizer(quick: bool) -> dict:
     stories and on the numeric corpus; the ids compared in full."""
     return {"english": _bench_tokenizer_on(lambda seed: story_texts(2000, seed), quick),
             "numeric": _bench_tokenizer_on(lambda seed: generate_numbers(20000, seed), quick)}
+
+
+# pico-llm's weights (generate --weights) and the GGUF type llama.cpp reads for each
+LLAMA_PAIRS = (("fp32", "f32"), ("bf16", "f16"), ("int8", "q8_0"))
+
+
+def _llama_generate(llm, prompt: list[int], n_new: int, top_p: float, greedy: bool = False) -> list[int]:
+    """llama_cpp.Llama.generate for n_new tokens (top-p alone: top_k, min_p and the penalties off; greedy: top_k
+    1), its KV cache emptied first so no round reuses the last one's prompt."""
+    llm.reset()
+    out = []
+    kw = dict(top_k=1) if greedy else dict(top_k=0, top_p=top_p, min_p=0.0, temp=1.0)
+    for tok in llm.generate(prompt, repeat_penalty=1.0, **kw):
+        out.append(tok)
+        if len(out) == n_new:
+            break
+    return out
+
+
+@torch.no_grad()
+def generation_vs_llama_cpp(run_dir: str, n_new: int = 200, prompt_len: int = 16, rounds: int = 5,
+                            top_p: float = 0.95, pairs=LLAMA_PAIRS) -> dict:
+    """Batch-1 generation of a Llama-style run: `generate` (the decode loop in C) with each of our weights
+    against llama-cpp-python's Llama.generate on the GGUF file pico-llm's export writes of the same run
+    (f32, f16, q8_0), the same prompt of prompt_len random ids, n_new tokens at top-p, torch's thread count
+    for both, timed in interleaved rounds. Also: whether greedy decoding gives the same 32 tokens in fp32.
+    Without llama-cpp-python: {"llama_cpp": None, "note": ...}."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {"llama_cpp": None, "note": "llama-cpp-python is not installed (make test-all installs it)"}
+    import tempfile
+
+    from .checkpoint import load_run
+    from .export.gguf import export_gguf
+
+    model, _, _ = load_run(run_dir)
+    cfg = model.cfg
+    prompt = torch.randint(cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    scfg = SampleConfig(max_new_tokens=n_new, top_p=top_p, seed=0)
+    threads = torch.get_num_threads()
+    fns: dict[str, Callable[[], object]] = {}
+    llms, greedy = [], {}
+    with tempfile.TemporaryDirectory(prefix="pico-gguf-") as tmp:
+        for ours, theirs in pairs:
+            m, dec = for_sampling(copy.deepcopy(model), ours, "cpu")
+            fns[f"pico_{ours}"] = lambda m=m, dec=dec: generate(m, prompt, scfg, decoder=dec)
+            path = os.path.join(tmp, f"{theirs}.gguf")
+            export_gguf(run_dir, path, dtype=theirs, log=lambda _msg: None)
+            llm = llama_cpp.Llama(path, n_ctx=max(cfg.block_size, prompt_len + n_new + 1), n_threads=threads,
+                                  n_threads_batch=threads, verbose=False)
+            llms.append(llm)
+            fns[f"llama_{theirs}"] = lambda llm=llm: _llama_generate(llm, prompt[0].tolist(), n_new, top_p)
+            if ours == "fp32":
+                g = SampleConfig(max_new_tokens=32, greedy=True)
+                greedy = {"pico": generate(m, prompt, g, decoder=dec)[0, prompt_len:].tolist(),
+                          "llama_cpp": _llama_generate(llm, prompt[0].tolist(), 32, top_p, greedy=True)}
+        t = _interleaved_medians(fns, rounds, sync=lambda: None)
+        for llm in llms:
+            llm.close()
+    rate = {name: n_new / sec for name, sec in t.items()}
+    out = {"llama_cpp": llama_cpp.__version__, "model": f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab "
+           f"{cfg.vocab_size}", "params": num_params(model), "n_new": n_new, "prompt_len": prompt_len,
+           "top_p": top_p, "threads": threads, "rounds": rounds, "tokens_per_s": rate,
+           "greedy_32_identical": greedy["pico"] == greedy["llama_cpp"]}
+    out["ratios"] = {f"{ours} vs {theirs}": rate[f"pico_{ours}"] / rate[f"llama_{theirs}"] for ours, theirs in pairs}
+    return out
+
+
+@torch.no_grad()
+def bench_streams(model: torch.nn.Module, n_new: int = 128, streams: int = 8, rounds: int = 5,
+                  weights: tuple = ("fp32", "bf16", "int8")) -> dict:
+    """Aggregate tokens/s of `streams` prompts of different lengths decoded together (generate_batch: one
+    batched C step per position, as the server's RowPool steps concurrent requests) against one prompt
+    alone, top-p 0.95, for each weight type; interleaved rounds."""
+    V = model.cfg.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(V, (4 + 3 * i,), generator=g).tolist() for i in range(streams)]
+    scfg = SampleConfig(max_new_tokens=n_new, top_p=0.95, seed=0)
+    fns = {}
+    for w in weights:
+        m, dec = for_sampling(copy.deepcopy(model), w, "cpu")
+        fns[f"{w} x1"] = lambda m=m, dec=dec: generate_batch(m, prompts[:1], scfg, decoder=dec)
+        fns[f"{w} x{streams}"] = lambda m=m, dec=dec: generate_batch(m, prompts, scfg, decoder=dec)
+    t = _interleaved_medians(fns, rounds, sync=lambda: None)
+    out = {}
+    for w in weights:
+        one, many = n_new / t[f"{w} x1"], streams * n_new / t[f"{w} x{streams}"]
+        out[w] = {"one_tokens_per_s": one, "streams_tokens_per_s": many, "ratio": many / one}
+    return {"streams": streams, "n_new": n_new, "weights": out}
 
 
 def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto", compile: bool = False,

@@ -307,20 +307,25 @@ static inline __attribute__((always_inline)) void tile_of(float *out, int n_out,
 
 /* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out; W is (n_out, n_in), row-major. At batch 1
    a row of W at a time (one sequential stream per thread: a large model reads its weights from memory
-   near the memory's bandwidth), else two, for 4 rows of x at a time. The tiles are split across the
-   OpenMP threads (torch's own libgomp, already loaded, so one thread pool). */
+   near the memory's bandwidth), else two, for 4 rows of x at a time. Called by every thread of
+   pico_forward's parallel region: the tiles are split among them (omp for, a barrier at the end). */
 static void matvec(float *out, Mat m, const float *bias, const float *x, int B, int n_out, int n_in) {
     const int n_tiles = B == 1 ? n_out : (n_out + 1) / 2;
-    if (m.type == WT_BF16) round_bf16(m.xb, x, (size_t)B * n_in);  /* bf16 weights take bf16 inputs */
-#pragma omp parallel for schedule(static)
+    if (m.type == WT_BF16) {
+#pragma omp single
+        round_bf16(m.xb, x, (size_t)B * n_in);  /* bf16 weights take bf16 inputs */
+    }
+#pragma omp for schedule(static)
     for (int t = 0; t < n_tiles; t++) {
         if (m.type == WT_F32) tile_of(out, n_out, m, t, x, B, n_in, WT_F32);
         else if (m.type == WT_BF16) tile_of(out, n_out, m, t, x, B, n_in, WT_BF16);
         else tile_of(out, n_out, m, t, x, B, n_in, WT_INT8);
+        if (bias) {
+            const int j0 = B == 1 ? t : 2 * t, j1 = B == 1 || j0 + 1 == n_out ? j0 + 1 : j0 + 2;
+            for (int b = 0; b < B; b++)
+                for (int j = j0; j < j1; j++) out[(size_t)b * n_out + j] += bias[j];
+        }
     }
-    if (bias)
-        for (int r = 0; r < B; r++)
-            for (int j = 0; j < n_out; j++) out[(size_t)r * n_out + j] += bias[j];
 }
 
 static void embed_row(float *dst, Mat m, int64_t tok, int C) {
@@ -372,7 +377,7 @@ static float dot_f32(const float *a, const float *b, int n) {
 /* Scratch floats needed for batch B: see the carve-up at the top of pico_forward. */
 int64_t pico_scratch_floats(const PicoCfg *c, int B) {
     int64_t C = c->n_embd, H = c->hidden, QKV = (int64_t)(c->n_head + 2 * c->n_kv_head) * c->head_size;
-    return (int64_t)B * (5 * C + QKV + 2 * H + c->vocab + (C > H ? C : H));
+    return (int64_t)B * (5 * C + QKV + 3 * H + c->vocab + (C > H ? C : H));
 }
 
 /* PICO_OK when every weight the configuration reads is there, else PICO_MISSING_WEIGHT. */
@@ -397,6 +402,24 @@ static inline Mat mat_at(const PicoCfg *c, const void *const *w, const float *co
 }
 
 static float exp_shifted(float *x, int V, float mx);
+
+#ifdef __AVX512F__
+static inline __m512 exp16(__m512 x);
+#endif
+
+/* dst[i] = silu(gate[i]) * up[i] = gate / (1 + exp(-gate)) * up: SwiGLU's hidden activation. */
+static void silu_mul(float *dst, const float *gate, const float *up, int n) {
+    int i = 0;
+#ifdef __AVX512F__
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 g = _mm512_loadu_ps(gate + i);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) dst[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
 
 /* Attention of one query head of one row over its cached keys first..pos (plus a sink, if any): the
    weighted sum of values into yh. att: pos + 1 floats of scratch. With AVX-512 and hs a multiple of 16,
@@ -467,111 +490,120 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
     float *t = a + B * C;        /* (B, C) post-norm sum */
     float *qkv = t + B * C;      /* (B, (nh + 2 nkv) hs) */
     float *h = qkv + (size_t)B * QKV;  /* (B, 2H), then (B, V): the head's output when slots are not 0..B-1 */
-    uint16_t *xb = (uint16_t *)(h + (size_t)B * (2 * H + c->vocab));  /* (B, max(C, H)) bf16 matmul inputs */
+    float *act = h + (size_t)B * (2 * H + c->vocab);  /* (B, H) the MLP's hidden activations */
+    uint16_t *xb = (uint16_t *)(act + (size_t)B * H);  /* (B, max(C, H)) bf16 matmul inputs */
     const float scale = 1.0f / sqrtf((float)hs);
     const size_t head_stride = (size_t)c->block_size * hs;
     const Mat wte = mat_at(c, w, ws, W_WTE, NULL);
 
-    for (int ti = 0; ti < T; ti++) {
-        for (int b = 0; b < B; b++) {
-            embed_row(x + b * C, wte, tokens[(size_t)b * T + ti], C);
-            if (c->pos_kind == 1) {
-                const float *p = (const float *)w[W_POS] + (size_t)(pos[b] + ti) * C;
-                for (int i = 0; i < C; i++) x[b * C + i] += p[i];
-            }
-        }
-        for (int l = 0; l < L; l++) {
-            const int at = N_GLOBAL + N_PER_LAYER * l;
-            const void *const *lw = w + at;
-            /* attention */
-            for (int b = 0; b < B; b++) {
-                if (c->pre_norm)
-                    norm(xn + b * C, x + b * C, lw[L_LN1], lw[L_LN1_B], C, c->layernorm, c->eps);
-                else
-                    memcpy(xn + b * C, x + b * C, sizeof(float) * C);
-            }
-            matvec(qkv, mat_at(c, w, ws, at + L_QKV, xb), lw[L_QKV_B], xn, B, QKV, C);
-            const int W = (c->window && !(c->window_alternate && (l % 2))) ? c->window : 0;
-            const float *sinks = (const float *)lw[L_SINKS];
-            for (int b = 0; b < B; b++) {
-                const int p = pos[b] + ti, s = slot ? slot[b] : b;
-                float *q = qkv + (size_t)b * QKV, *k = q + nh * hs, *v = k + nkv * hs;
-                for (int hd = 0; hd < nh + nkv; hd++) {  /* q heads, then k heads: norm, rotate */
-                    float *r = q + hd * hs;  /* k follows q, so k head j is q + (nh + j) hs */
-                    if (lw[L_QNORM]) norm(r, r, hd < nh ? lw[L_QNORM] : lw[L_KNORM], NULL, hs, 0, c->eps);
-                    if (c->pos_kind == 2)
-                        rope(r, (const float *)w[W_COS] + (size_t)p * half, (const float *)w[W_SIN] + (size_t)p * half, half);
-                }
-                for (int kh = 0; kh < nkv; kh++) {
-                    size_t base = (((size_t)l * n_slots + s) * nkv + kh) * head_stride;
-                    memcpy(kc + base + (size_t)p * hs, k + kh * hs, sizeof(float) * hs);
-                    memcpy(vc + base + (size_t)p * hs, v + kh * hs, sizeof(float) * hs);
-                }
-            }
-            /* every (row, head) pair on its own: split across the threads */
+    int contiguous = 1;  /* the rows' slots are 0..B-1: the head writes straight into logits */
+    for (int b = 0; b < B && slot; b++) contiguous &= slot[b] == b;
+    float *head_out = contiguous ? logits : h + (size_t)2 * B * H;  /* else (B, V) scratch, then to the slots */
+
+    /* One parallel region for the whole step: the matmuls split their rows and the attention its (row,
+       head) pairs across the threads (omp for), the small serial parts run on one (omp single); each ends
+       in a barrier, far cheaper than the ~20 fork/joins of a region per matmul. */
 #pragma omp parallel
-            {
-                float att[c->block_size];
+    {
+        float att[c->block_size];  /* this thread's attention scores */
+        for (int ti = 0; ti < T; ti++) {
+#pragma omp single
+            for (int b = 0; b < B; b++) {
+                embed_row(x + b * C, wte, tokens[(size_t)b * T + ti], C);
+                if (c->pos_kind == 1) {
+                    const float *p = (const float *)w[W_POS] + (size_t)(pos[b] + ti) * C;
+                    for (int i = 0; i < C; i++) x[b * C + i] += p[i];
+                }
+            }
+            for (int l = 0; l < L; l++) {
+                const int at = N_GLOBAL + N_PER_LAYER * l;
+                const void *const *lw = w + at;
+                /* attention */
+#pragma omp single
+                for (int b = 0; b < B; b++) {
+                    if (c->pre_norm)
+                        norm(xn + b * C, x + b * C, lw[L_LN1], lw[L_LN1_B], C, c->layernorm, c->eps);
+                    else
+                        memcpy(xn + b * C, x + b * C, sizeof(float) * C);
+                }
+                matvec(qkv, mat_at(c, w, ws, at + L_QKV, xb), lw[L_QKV_B], xn, B, QKV, C);
+                const int W = (c->window && !(c->window_alternate && (l % 2))) ? c->window : 0;
+                const float *sinks = (const float *)lw[L_SINKS];
+#pragma omp single
+                for (int b = 0; b < B; b++) {
+                    const int p = pos[b] + ti, s = slot ? slot[b] : b;
+                    float *q = qkv + (size_t)b * QKV, *k = q + nh * hs, *v = k + nkv * hs;
+                    for (int hd = 0; hd < nh + nkv; hd++) {  /* q heads, then k heads: norm, rotate */
+                        float *r = q + hd * hs;  /* k follows q, so k head j is q + (nh + j) hs */
+                        if (lw[L_QNORM]) norm(r, r, hd < nh ? lw[L_QNORM] : lw[L_KNORM], NULL, hs, 0, c->eps);
+                        if (c->pos_kind == 2)
+                            rope(r, (const float *)w[W_COS] + (size_t)p * half, (const float *)w[W_SIN] + (size_t)p * half, half);
+                    }
+                    for (int kh = 0; kh < nkv; kh++) {
+                        size_t base = (((size_t)l * n_slots + s) * nkv + kh) * head_stride;
+                        memcpy(kc + base + (size_t)p * hs, k + kh * hs, sizeof(float) * hs);
+                        memcpy(vc + base + (size_t)p * hs, v + kh * hs, sizeof(float) * hs);
+                    }
+                }
 #pragma omp for schedule(static)
-                for (int bh = 0; bh < B * nh; bh++) {
+                for (int bh = 0; bh < B * nh; bh++) {  /* every (row, head) pair on its own */
                     const int b = bh / nh, hd = bh % nh, p = pos[b] + ti, s = slot ? slot[b] : b;
                     const int first = W && p - W + 1 > 0 ? p - W + 1 : 0;  /* the oldest key this query sees */
                     const size_t base = (((size_t)l * n_slots + s) * nkv + hd / group) * head_stride;
                     attend(y + (size_t)b * C + hd * hs, qkv + (size_t)b * QKV + hd * hs, kc + base, vc + base, first,
                            p, hs, scale, sinks ? sinks + hd : NULL, att);
                 }
-            }
-            matvec(a, mat_at(c, w, ws, at + L_PROJ, xb), lw[L_PROJ_B], y, B, C, C);
-            if (c->pre_norm) {
-                for (int i = 0; i < B * C; i++) x[i] += a[i];
-                for (int b = 0; b < B; b++)
-                    norm(xn + b * C, x + b * C, lw[L_LN2], lw[L_LN2_B], C, c->layernorm, c->eps);
-            } else {
-                for (int i = 0; i < B * C; i++) t[i] = x[i] + a[i];
-                for (int b = 0; b < B; b++)
-                    norm(x + b * C, t + b * C, lw[L_LN1], lw[L_LN1_B], C, c->layernorm, c->eps);
-                memcpy(xn, x, sizeof(float) * B * C);
-            }
-            /* MLP */
-            const Mat fc = mat_at(c, w, ws, at + L_FC, xb);
-            if (c->swiglu) {
-                matvec(h, fc, lw[L_FC_B], xn, B, 2 * H, C);
-                for (int b = 0; b < B; b++) {
-                    float *hb = h + (size_t)b * 2 * H, *dst = h + (size_t)b * H;
-                    for (int i = 0; i < H; i++) {
-                        float g = hb[i], u = hb[H + i];
-                        /* (B, H) rows packed to the front: row b's dst ends before row b+1's source
-                           starts, and within a row i < H + i, so nothing unread is overwritten */
-                        dst[i] = g / (1.0f + expf(-g)) * u;
+                matvec(a, mat_at(c, w, ws, at + L_PROJ, xb), lw[L_PROJ_B], y, B, C, C);
+#pragma omp single
+                {
+                    if (c->pre_norm) {
+                        for (int i = 0; i < B * C; i++) x[i] += a[i];
+                        for (int b = 0; b < B; b++)
+                            norm(xn + b * C, x + b * C, lw[L_LN2], lw[L_LN2_B], C, c->layernorm, c->eps);
+                    } else {
+                        for (int i = 0; i < B * C; i++) t[i] = x[i] + a[i];
+                        for (int b = 0; b < B; b++)
+                            norm(x + b * C, t + b * C, lw[L_LN1], lw[L_LN1_B], C, c->layernorm, c->eps);
+                        memcpy(xn, x, sizeof(float) * B * C);
                     }
                 }
-            } else if (c->relu2) {
-                matvec(h, fc, lw[L_FC_B], xn, B, H, C);
-                for (int i = 0; i < B * H; i++) h[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;
-            } else {
-                matvec(h, fc, lw[L_FC_B], xn, B, H, C);
-                for (int i = 0; i < B * H; i++) h[i] = 0.5f * h[i] * (1.0f + erff(h[i] * 0.70710678118654752f));
-            }
-            matvec(a, mat_at(c, w, ws, at + L_MPROJ, xb), lw[L_MPROJ_B], h, B, C, H);
-            if (c->pre_norm) {
-                for (int i = 0; i < B * C; i++) x[i] += a[i];
-            } else {
-                for (int i = 0; i < B * C; i++) t[i] = x[i] + a[i];
-                for (int b = 0; b < B; b++)
-                    norm(x + b * C, t + b * C, lw[L_LN2], lw[L_LN2_B], C, c->layernorm, c->eps);
+                /* MLP: its hidden activations into act (B, H) */
+                const Mat fc = mat_at(c, w, ws, at + L_FC, xb);
+                if (c->swiglu) {
+                    matvec(h, fc, lw[L_FC_B], xn, B, 2 * H, C);
+#pragma omp for schedule(static)
+                    for (int b = 0; b < B; b++) silu_mul(act + (size_t)b * H, h + (size_t)b * 2 * H, h + (size_t)b * 2 * H + H, H);
+                } else if (c->relu2) {
+                    matvec(h, fc, lw[L_FC_B], xn, B, H, C);
+#pragma omp for schedule(static)
+                    for (int i = 0; i < B * H; i++) act[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;
+                } else {
+                    matvec(h, fc, lw[L_FC_B], xn, B, H, C);
+#pragma omp for schedule(static)
+                    for (int i = 0; i < B * H; i++) act[i] = 0.5f * h[i] * (1.0f + erff(h[i] * 0.70710678118654752f));
+                }
+                matvec(a, mat_at(c, w, ws, at + L_MPROJ, xb), lw[L_MPROJ_B], act, B, C, H);
+#pragma omp single
+                {
+                    if (c->pre_norm) {
+                        for (int i = 0; i < B * C; i++) x[i] += a[i];
+                    } else {
+                        for (int i = 0; i < B * C; i++) t[i] = x[i] + a[i];
+                        for (int b = 0; b < B; b++)
+                            norm(x + b * C, t + b * C, lw[L_LN2], lw[L_LN2_B], C, c->layernorm, c->eps);
+                    }
+                }
             }
         }
+#pragma omp single
+        for (int b = 0; b < B; b++) {
+            if (c->pre_norm)
+                norm(xn + b * C, x + b * C, w[W_LNF], w[W_LNF_B], C, c->layernorm, c->eps);
+            else
+                memcpy(xn + b * C, x + b * C, sizeof(float) * C);
+        }
+        matvec(head_out, mat_at(c, w, ws, W_HEAD, xb), NULL, xn, B, c->vocab, C);
     }
-    for (int b = 0; b < B; b++) {
-        if (c->pre_norm)
-            norm(xn + b * C, x + b * C, w[W_LNF], w[W_LNF_B], C, c->layernorm, c->eps);
-        else
-            memcpy(xn + b * C, x + b * C, sizeof(float) * C);
-    }
-    int contiguous = 1;  /* the rows' slots are 0..B-1: the head writes straight into logits */
-    for (int b = 0; b < B && slot; b++) contiguous &= slot[b] == b;
-    float *head_out = contiguous ? logits : h + (size_t)2 * B * H;  /* else (B, V) scratch, then to the slots */
-    matvec(head_out, mat_at(c, w, ws, W_HEAD, xb), NULL, xn, B, c->vocab, C);
     if (!contiguous)
         for (int b = 0; b < B; b++)
             memcpy(logits + (size_t)slot[b] * c->vocab, head_out + (size_t)b * c->vocab, sizeof(float) * c->vocab);
@@ -584,6 +616,18 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
 }
 
 /* ---- sampling ---- */
+
+static float max_of(const float *x, int V) {
+    int i = 0;
+    float mx = -INFINITY;
+#ifdef __AVX512F__
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (; i + 16 <= V; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+    mx = _mm512_reduce_max_ps(m);
+#endif
+    for (; i < V; i++) mx = x[i] > mx ? x[i] : mx;
+    return mx;
+}
 
 /* exp(x) for 16 lanes: 2^n * e^r with n = round(x log2 e) and |r| <= ln2 / 2, e^r by its degree-6 Taylor
    polynomial (within 2 ulp of expf); x below -104 (where expf underflows) gives 0, -inf included. */
@@ -675,17 +719,119 @@ static void sort_desc(Cand *c, Cand *tmp, int n) {
     }
 }
 
+/* The first index of the largest value (torch.argmax's choice among ties); NaN is not expected. */
 static int64_t argmax(const float *x, int V) {
-    int64_t best = 0;
-    for (int i = 1; i < V; i++)
-        if (x[i] > x[best]) best = i;
-    return best;
+    float mx = max_of(x, V);
+    for (int i = 0; i < V; i++)
+        if (x[i] == mx) return i;
+    return 0;
 }
 
 static inline int exponent_of(float p) {
     uint32_t u;
     memcpy(&u, &p, sizeof u);
     return (int)((u >> 23) & 255);
+}
+
+/* Probabilities in (0, 1] fall in NKEY buckets by their top 12 bits (the exponent and 3 bits of mantissa):
+   a bucket holds values within 12.5% of each other, and every value of a higher bucket is larger. */
+enum { NKEY = 1024 };
+static inline int pkey(float p) {
+    uint32_t u;
+    memcpy(&u, &p, sizeof u);
+    return (int)(u >> 20);
+}
+
+/* The (p, id) of bucket k's members, sorted by p descending (ties by id); their count. */
+static int bucket_sorted(Cand *cand, Cand *tmp, const float *x, int V, int k) {
+    int n = 0, i = 0;
+#ifdef __AVX512F__
+    const __m512i want = _mm512_set1_epi32(k);
+    __m512i ids = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; i + 16 <= V; i += 16, ids = _mm512_add_epi32(ids, _mm512_set1_epi32(16))) {
+        const __m512i bits = _mm512_loadu_si512(x + i);
+        const __mmask16 m = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(bits, 20), want);
+        if (!m) continue;
+        float ps[16];
+        int32_t is[16];
+        _mm512_mask_compressstoreu_ps(ps, m, _mm512_castsi512_ps(bits));
+        _mm512_mask_compressstoreu_epi32(is, m, ids);
+        const int c = __builtin_popcount(m);
+        for (int j = 0; j < c; j++) cand[n + j] = (Cand){ps[j], is[j]};
+        n += c;
+    }
+#endif
+    for (; i < V; i++)
+        if (pkey(x[i]) == k) cand[n++] = (Cand){x[i], i};
+    sort_desc(cand, tmp, n);
+    return n;
+}
+
+/* Top-p's draw from probabilities x (V values): the ids sorted by probability descending, the nucleus the
+   smallest prefix whose float32 cumulative sum reaches top_p (kept: #{j : cum_j - p_j < top_p}), the draw
+   the first kept id whose cumulative sum exceeds u times the kept mass, as sample_next. The cumulative
+   sums are double sums cast to float32, as torch's cumsum on a CPU. Only the buckets (pkey) where the
+   nucleus ends and where the draw lands are gathered and sorted: a whole bucket's mass is added at once
+   (a double sum in another order differs in bits far below float32's). */
+static int64_t draw_top_p(const float *x, int V, float top_p, float u, Cand *cand, Cand *tmp) {
+    double bmass[NKEY];
+    int bcnt[NKEY];
+    memset(bmass, 0, sizeof bmass);
+    memset(bcnt, 0, sizeof bcnt);
+    for (int i = 0; i < V; i++)
+        if (x[i] > 0.0f) {
+            const int k = pkey(x[i]);
+            bmass[k] += x[i];
+            bcnt[k]++;
+        }
+    /* the nucleus: whole buckets while the mass before them stays below top_p, then token by token */
+    double above = 0.0;
+    int k = NKEY - 1;
+    for (; k > 0; k--) {
+        if (!bcnt[k]) continue;
+        if ((float)(above + bmass[k]) + 1e-6f >= top_p) break;  /* it may end in this bucket */
+        above += bmass[k];
+    }
+    int end_k = -1, end_j = -1;  /* the last kept token: member end_j of bucket end_k */
+    float kept_mass = 0.0f;
+    double acc = above;
+    for (int done = 0; k >= 0 && !done; k--) {
+        if (!bcnt[k]) continue;
+        const int n = bucket_sorted(cand, tmp, x, V, k);
+        for (int j = 0; j < n; j++) {
+            const float cum = (float)(acc + cand[j].p);
+            if (!(cum - cand[j].p < top_p)) {
+                done = 1;
+                break;
+            }
+            acc += cand[j].p;
+            kept_mass = cum;
+            end_k = k;
+            end_j = j;
+        }
+    }
+    if (end_k < 0) {  /* nothing kept (top_p below float resolution): the most probable id */
+        for (k = NKEY - 1; k > 0 && !bcnt[k]; k--) {}
+        bucket_sorted(cand, tmp, x, V, k);
+        return cand[0].id;
+    }
+    /* the draw: skip whole buckets whose end stays at or below the target */
+    const float target = u * kept_mass;
+    acc = 0.0;
+    for (k = NKEY - 1; k >= end_k; k--) {
+        if (!bcnt[k]) continue;
+        if (k > end_k && !((float)(acc + bmass[k]) > target)) {
+            acc += bmass[k];
+            continue;
+        }
+        const int n = bucket_sorted(cand, tmp, x, V, k);
+        for (int j = 0; j < n; j++) {
+            acc += cand[j].p;
+            if ((float)acc > target || (k == end_k && j == end_j)) return cand[j].id;
+        }
+    }
+    bucket_sorted(cand, tmp, x, V, end_k);  /* past the kept mass by rounding: the last kept id */
+    return cand[end_j].id;
 }
 
 /* One draw from row `logits` (V values) as sample_next draws it, from the uniform number u in [0, 1).
@@ -698,15 +844,16 @@ int64_t pico_sample(const float *logits, int V, const PicoSampling *smp, float u
     if (smp->greedy || smp->temperature == 0.0f) return argmax(logits, V);
     float *x = work;
     Cand *cand = (Cand *)(work + V), *tmp = cand + V;
-    for (int i = 0; i < V; i++) x[i] = smp->temperature != 1.0f ? logits[i] / smp->temperature : logits[i];
+    if (smp->temperature != 1.0f)
+        for (int i = 0; i < V; i++) x[i] = logits[i] / smp->temperature;
+    else
+        memcpy(x, logits, sizeof(float) * (size_t)V);
     if (smp->top_k > 0 && smp->top_k < V) {
         const float kth = kth_largest(x, V, smp->top_k);
         for (int i = 0; i < V; i++)
             if (x[i] < kth) x[i] = -INFINITY;
     }
-    float mx = -INFINITY;
-    for (int i = 0; i < V; i++) mx = x[i] > mx ? x[i] : mx;
-    const float inv = 1.0f / exp_shifted(x, V, mx);
+    const float inv = 1.0f / exp_shifted(x, V, max_of(x, V));
     for (int i = 0; i < V; i++) x[i] *= inv;
     if (!(smp->top_p < 1.0f)) {  /* plain: cumulative sums in id order */
         double acc = 0.0;
@@ -717,37 +864,7 @@ int64_t pico_sample(const float *logits, int V, const PicoSampling *smp, float u
             if ((float)(acc += x[i]) > target) return i;
         return V - 1;
     }
-    double mass_at[256] = {0};
-    for (int i = 0; i < V; i++) mass_at[exponent_of(x[i])] += x[i];
-    int lowest = 255;
-    double mass = 0.0;
-    while (lowest > 0 && mass < smp->top_p) mass += mass_at[lowest--];
-    for (;;) {
-        int n = 0;
-        for (int i = 0; i < V; i++)
-            if (x[i] > 0.0f && exponent_of(x[i]) > lowest) cand[n++] = (Cand){x[i], i};
-        sort_desc(cand, tmp, n);
-        /* kept: #{j : cum_j - p_j < top_p}, the cumulative sums as float32, as torch compares them */
-        double acc = 0.0;
-        int keep = 0;
-        float kept_mass = 0.0f;
-        for (int j = 0; j < n; j++) {
-            const float cum = (float)(acc += cand[j].p);
-            if (!(cum - cand[j].p < smp->top_p)) break;
-            keep = j + 1;
-            kept_mass = cum;
-        }
-        if (keep == n && lowest > 0) {  /* rounding kept every candidate: widen the set and redo */
-            lowest--;
-            continue;
-        }
-        if (keep == 0) return cand[0].id;
-        const float target = u * kept_mass;
-        acc = 0.0;
-        for (int j = 0; j < keep; j++)
-            if ((float)(acc += cand[j].p) > target) return cand[j].id;
-        return cand[keep - 1].id;
-    }
+    return draw_top_p(x, V, smp->top_p, u, cand, tmp);
 }
 
 /* Rows of logits (B, V) -> ids, one draw each (u: B uniform numbers); smp: one per row. */
@@ -784,16 +901,26 @@ int pico_generate(const PicoCfg *c, const void *const *w, const float *const *ws
     int32_t *frow = malloc(sizeof(int32_t) * (size_t)B);
     int produced = 0, rc = PICO_OK;
     for (int s = 0; s < n && rc == PICO_OK; s++) {
+        int64_t *row_out = out + (size_t)s * B;
+        /* the rows' draws, split across the threads (each with its own work area; work is the first's) */
+#pragma omp parallel if (B > 1)
+        {
+            float *mine = work;
+#ifdef _OPENMP
+            if (omp_get_thread_num() > 0) mine = malloc(sizeof(float) * 5 * (size_t)V);
+#endif
+#pragma omp for schedule(dynamic)
+            for (int b = 0; b < B; b++)
+                row_out[b] = done[b] ? stop[b] : pico_sample(logits + (size_t)slot[b] * V, V, smp + b,
+                                                             u ? u[(size_t)s * B + b] : 0.0f, mine);
+            if (mine != work) free(mine);
+        }
         int live = 0;
         for (int b = 0; b < B; b++) {
-            const float *row = logits + (size_t)slot[b] * V;
-            int64_t tok = stop[b];
             if (!done[b]) {
-                tok = pico_sample(row, V, smp + b, u ? u[(size_t)s * B + b] : 0.0f, work);
-                if (keep_logits) memcpy(keep_logits + ((size_t)s * B + b) * V, row, sizeof(float) * V);
-                if (tok == stop[b] || --left[b] <= 0) done[b] = 1;
+                if (keep_logits) memcpy(keep_logits + ((size_t)s * B + b) * V, logits + (size_t)slot[b] * V, sizeof(float) * V);
+                if (row_out[b] == stop[b] || --left[b] <= 0) done[b] = 1;
             }
-            out[(size_t)s * B + b] = tok;
             live += !done[b];
         }
         produced = s + 1;
