@@ -347,3 +347,17 @@ def test_generate_batch_decodes_ragged_prompts_alike_through_both_paths():
     assert a == generate_batch(m, prompts, stop, eot_id=eot, decoder="torch")
     assert a[1][-1] == eot and len(a[1]) <= len(prompts[1]) + 4
     assert all(row[len(p):].count(eot) <= 1 for p, row in zip(prompts, a))
+
+
+def test_a_prompt_goes_through_the_layers_in_chunks(monkeypatch):
+    """The prefill feeds up to the scratch's rows of (row, position) pairs at once: with room for 3, a
+    10-token prompt of 2 rows goes in chunks of 1 position (2 rows) and 12 tokens of 1 row in chunks of 3;
+    the logits equal the full-sequence forward either way, every weight type's step alike."""
+    monkeypatch.setattr(fused, "PREFILL_ROWS", 3)
+    cfg = ModelConfig(vocab_size=61, block_size=24, n_embd=32, n_layer=2, n_head=4, sliding_window=5)
+    m = perturbed(cfg, seed=7)
+    for B, prefill in ((2, 10), (1, 12)):
+        idx = torch.randint(61, (B, 20))
+        dec = FusedDecoder(m)
+        assert dec.new_state(B).rows == 3
+        torch.testing.assert_close(stepped_logits(dec, idx, prefill), m(idx)[:, prefill - 1:], atol=2e-5, rtol=1e-4)

@@ -59,6 +59,8 @@ PICO_OK, PICO_BAD_TOKEN, PICO_BAD_POSITION, PICO_NO_TOKENS, PICO_MISSING_WEIGHT,
 WEIGHTS = ("model", "fp32", "bf16", "int8")  # what the matmuls read: the model's own dtype, or a copy in this one
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 QGROUP = 32  # int8 weights: one scale per this many consecutive inputs of a row (llama.cpp's Q8_0 block)
+PREFILL_ROWS = 64  # a state's scratch holds this many (row, position) pairs at least: a prompt goes through the
+# layers in chunks of that many positions, each reading the weights once
 
 _lib: Optional[ctypes.CDLL] = None
 _lib_error: Optional[str] = None
@@ -101,10 +103,10 @@ def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     vp, i32 = ctypes.c_void_p, ctypes.c_int
     lib.pico_forward.restype = ctypes.c_int
-    lib.pico_forward.argtypes = [ctypes.POINTER(_Cfg), vp, vp, vp, vp, vp, vp, i32, i32, vp, vp, i32, vp]
+    lib.pico_forward.argtypes = [ctypes.POINTER(_Cfg), vp, vp, vp, vp, vp, vp, i32, i32, vp, vp, i32, vp, i32]
     lib.pico_generate.restype = ctypes.c_int
     lib.pico_generate.argtypes = [ctypes.POINTER(_Cfg), vp, vp, vp, vp, vp, i32, i32, vp, vp, vp, vp, i32, vp, vp, i32,
-                                  vp, vp, vp, vp, vp, vp, vp]
+                                  vp, vp, vp, vp, vp, vp, vp, i32]
     lib.pico_sample_rows.restype = None
     lib.pico_sample_rows.argtypes = [vp, i32, i32, vp, vp, vp, vp]
     lib.pico_release_threads.restype = None
@@ -195,13 +197,15 @@ def _matmul_weights(model) -> list[torch.Tensor]:
 
 @dataclass
 class FusedState:
-    """KV caches (L, slots, n_kv_heads, block_size, hs) in float32, the C code's scratch (for a step of up
-    to `slots` rows), and the logits buffer, a row per slot."""
+    """KV caches (L, slots, n_kv_heads, block_size, hs) in float32 (uninitialized: a position is read only
+    after it is written), the C code's scratch (for `rows` (row, position) pairs at a time), and the
+    logits buffer, a row per slot."""
 
     k: torch.Tensor
     v: torch.Tensor
     scratch: torch.Tensor
     logits: torch.Tensor  # (slots, 1, V), overwritten by every step
+    rows: int
     pos: int = 0  # step()'s position: every row at the same one
 
     def __post_init__(self):  # the C step's (k, v, scratch) pointers, taken once instead of every step
@@ -274,9 +278,10 @@ class FusedDecoder:
         """A state of batch_size slots (KV caches, scratch for a step of batch_size rows, logits)."""
         c = self.cfg
         shape = (c.n_layer, batch_size, c.n_kv_heads, c.block_size, c.head_size)
-        n_scratch = self.lib.pico_scratch_floats(self._ccfg_ref, batch_size)
-        return FusedState(torch.zeros(shape), torch.zeros(shape), torch.zeros(n_scratch),
-                          torch.empty(batch_size, 1, c.vocab_size))
+        rows = max(batch_size, PREFILL_ROWS)
+        n_scratch = self.lib.pico_scratch_floats(self._ccfg_ref, rows)
+        return FusedState(torch.empty(shape), torch.empty(shape), torch.zeros(n_scratch),
+                          torch.empty(batch_size, 1, c.vocab_size), rows)
 
     def step(self, idx: torch.Tensor, state: FusedState):
         """Feed idx (B, t) after the state.pos tokens already cached (in slots 0..B-1); returns (logits
@@ -303,7 +308,7 @@ class FusedDecoder:
             raise ValueError(f"{B} rows do not fit the state's {state.slots} slots")
         rc = self.lib.pico_forward(self._ccfg_ref, self.weights, self.scales, *state.buffers, idx.data_ptr(), B, t,
                                    pos.data_ptr(), None if sl is None else sl.data_ptr(), state.slots,
-                                   state.logits.data_ptr())
+                                   state.logits.data_ptr(), state.rows)
         if rc != PICO_OK:
             raise self._error(rc, idx, pos, sl, state.slots)
 
@@ -395,7 +400,8 @@ class FusedRows:
             self.dec._ccfg_ref, self.dec.weights, self.dec.scales, *st.buffers, S, S, self.slot.data_ptr(),
             self.pos.data_ptr(), self.hist.data_ptr(), self.n_hist.data_ptr(), self.hist_cap, self.smp,
             None if u is None else u.data_ptr(), n, self.stop.data_ptr(), self.left.data_ptr(), self.done.data_ptr(),
-            st.logits.data_ptr(), None if logits is None else logits.data_ptr(), out.data_ptr(), self.work.data_ptr())
+            st.logits.data_ptr(), None if logits is None else logits.data_ptr(), out.data_ptr(), self.work.data_ptr(),
+            st.rows)
         if got < 0:
             raise self.dec._error(-got, out[:0], self.pos, None, S)
         return out[:got], None if logits is None else logits[:got]

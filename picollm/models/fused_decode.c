@@ -374,10 +374,10 @@ static float dot_f32(const float *a, const float *b, int n) {
     return s;
 }
 
-/* Scratch floats needed for batch B: see the carve-up at the top of pico_forward. */
+/* Scratch floats for B rows ((row, position) pairs of a step): see the carve-up at the top of pico_forward. */
 int64_t pico_scratch_floats(const PicoCfg *c, int B) {
     int64_t C = c->n_embd, H = c->hidden, QKV = (int64_t)(c->n_head + 2 * c->n_kv_head) * c->head_size;
-    return (int64_t)B * (5 * C + QKV + 3 * H + c->vocab + (C > H ? C : H));
+    return (int64_t)B * (6 * C + QKV + 3 * H + c->vocab + (C > H ? C : H));
 }
 
 /* PICO_OK when every weight the configuration reads is there, else PICO_MISSING_WEIGHT. */
@@ -467,14 +467,17 @@ static void attend(float *yh, const float *qh, const float *kh, const float *vh,
 
 /* Feed tokens (B, T) (row-major int64): row b at positions pos[b] .. pos[b]+T-1 of KV-cache slot slot[b]
    (slot NULL: slot b). The caches k, v are (L, n_slots, n_kv_head, block, hs) float32; the logits of each
-   row's last position go to logits + slot[b] * V. Returns PICO_OK, or the PICO_* code of the first
-   problem found (nothing is written then). */
+   row's last position go to logits + slot[b] * V. A prompt's positions go through the layers together,
+   up to max_rows (row, position) pairs at a time (the scratch's capacity, pico_scratch_floats), so a
+   prefill reads the weights once per chunk, not once per token; the head runs for the last positions
+   only. Returns PICO_OK, or the PICO_* code of the first problem found (nothing is written then). */
 int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws, float *kc, float *vc,
                  float *scratch, const int64_t *tokens, int B, int T, const int32_t *pos, const int32_t *slot,
-                 int n_slots, float *logits) {
+                 int n_slots, float *logits, int max_rows) {
     const int C = c->n_embd, nh = c->n_head, nkv = c->n_kv_head, hs = c->head_size, H = c->hidden, L = c->n_layer;
     const int half = hs / 2, QKV = (nh + 2 * nkv) * hs, group = nh / nkv;
     if (T < 1 || B < 1) return PICO_NO_TOKENS;
+    if (B > max_rows) return PICO_BAD_POSITION;
     for (int b = 0; b < B; b++) {
         const int s = slot ? slot[b] : b;
         if (pos[b] < 0 || pos[b] + T > c->block_size || s < 0 || s >= n_slots) return PICO_BAD_POSITION;
@@ -483,22 +486,26 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
         if (tokens[i] < 0 || tokens[i] >= c->vocab) return PICO_BAD_TOKEN;
     if (check_weights(c, w, ws) != PICO_OK) return PICO_MISSING_WEIGHT;
 
-    float *x = scratch;          /* (B, C) residual stream */
-    float *xn = x + B * C;       /* (B, C) normed input of a sublayer */
-    float *y = xn + B * C;       /* (B, C) attention output before the projection */
-    float *a = y + B * C;        /* (B, C) sublayer output */
-    float *t = a + B * C;        /* (B, C) post-norm sum */
-    float *qkv = t + B * C;      /* (B, (nh + 2 nkv) hs) */
-    float *h = qkv + (size_t)B * QKV;  /* (B, 2H), then (B, V): the head's output when slots are not 0..B-1 */
-    float *act = h + (size_t)B * (2 * H + c->vocab);  /* (B, H) the MLP's hidden activations */
-    uint16_t *xb = (uint16_t *)(act + (size_t)B * H);  /* (B, max(C, H)) bf16 matmul inputs */
+    const int R = max_rows;  /* the scratch holds R rows: (row, position) pairs of a chunk */
+    float *x = scratch;          /* (R, C) residual stream */
+    float *xn = x + R * C;       /* (R, C) normed input of a sublayer */
+    float *y = xn + R * C;       /* (R, C) attention output before the projection */
+    float *a = y + R * C;        /* (R, C) sublayer output */
+    float *t = a + R * C;        /* (R, C) post-norm sum */
+    float *qkv = t + R * C;      /* (R, (nh + 2 nkv) hs) */
+    float *h = qkv + (size_t)R * QKV;  /* (R, 2H) */
+    float *act = h + (size_t)R * 2 * H;  /* (R, H) the MLP's hidden activations */
+    float *head_in = act + (size_t)R * H;  /* (B, C) the last positions' final-normed rows */
+    float *head_scratch = head_in + (size_t)R * C;  /* (B, V) the head's output when slots are not 0..B-1 */
+    uint16_t *xb = (uint16_t *)(head_scratch + (size_t)R * c->vocab);  /* (R, max(C, H)) bf16 matmul inputs */
+    const int tc_max = R / B;  /* positions per chunk */
     const float scale = 1.0f / sqrtf((float)hs);
     const size_t head_stride = (size_t)c->block_size * hs;
     const Mat wte = mat_at(c, w, ws, W_WTE, NULL);
 
     int contiguous = 1;  /* the rows' slots are 0..B-1: the head writes straight into logits */
     for (int b = 0; b < B && slot; b++) contiguous &= slot[b] == b;
-    float *head_out = contiguous ? logits : h + (size_t)2 * B * H;  /* else (B, V) scratch, then to the slots */
+    float *head_out = contiguous ? logits : head_scratch;  /* else to the slots after */
 
     /* One parallel region for the whole step: the matmuls split their rows and the attention its (row,
        head) pairs across the threads (omp for), the small serial parts run on one (omp single); each ends
@@ -506,13 +513,15 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
 #pragma omp parallel
     {
         float att[c->block_size];  /* this thread's attention scores */
-        for (int ti = 0; ti < T; ti++) {
+        for (int t0 = 0; t0 < T; t0 += tc_max) {
+            const int tc = T - t0 < tc_max ? T - t0 : tc_max, NR = B * tc;  /* row r: b = r / tc, t0 + r % tc */
 #pragma omp single
-            for (int b = 0; b < B; b++) {
-                embed_row(x + b * C, wte, tokens[(size_t)b * T + ti], C);
+            for (int r = 0; r < NR; r++) {
+                const int b = r / tc, ti = t0 + r % tc;
+                embed_row(x + (size_t)r * C, wte, tokens[(size_t)b * T + ti], C);
                 if (c->pos_kind == 1) {
                     const float *p = (const float *)w[W_POS] + (size_t)(pos[b] + ti) * C;
-                    for (int i = 0; i < C; i++) x[b * C + i] += p[i];
+                    for (int i = 0; i < C; i++) x[(size_t)r * C + i] += p[i];
                 }
             }
             for (int l = 0; l < L; l++) {
@@ -520,19 +529,19 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                 const void *const *lw = w + at;
                 /* attention */
 #pragma omp single
-                for (int b = 0; b < B; b++) {
+                for (int r = 0; r < NR; r++) {
                     if (c->pre_norm)
-                        norm(xn + b * C, x + b * C, lw[L_LN1], lw[L_LN1_B], C, c->layernorm, c->eps);
+                        norm(xn + (size_t)r * C, x + (size_t)r * C, lw[L_LN1], lw[L_LN1_B], C, c->layernorm, c->eps);
                     else
-                        memcpy(xn + b * C, x + b * C, sizeof(float) * C);
+                        memcpy(xn + (size_t)r * C, x + (size_t)r * C, sizeof(float) * C);
                 }
-                matvec(qkv, mat_at(c, w, ws, at + L_QKV, xb), lw[L_QKV_B], xn, B, QKV, C);
+                matvec(qkv, mat_at(c, w, ws, at + L_QKV, xb), lw[L_QKV_B], xn, NR, QKV, C);
                 const int W = (c->window && !(c->window_alternate && (l % 2))) ? c->window : 0;
                 const float *sinks = (const float *)lw[L_SINKS];
 #pragma omp single
-                for (int b = 0; b < B; b++) {
-                    const int p = pos[b] + ti, s = slot ? slot[b] : b;
-                    float *q = qkv + (size_t)b * QKV, *k = q + nh * hs, *v = k + nkv * hs;
+                for (int r = 0; r < NR; r++) {  /* every position's k and v into the cache, before any attends */
+                    const int b = r / tc, p = pos[b] + t0 + r % tc, s = slot ? slot[b] : b;
+                    float *q = qkv + (size_t)r * QKV, *k = q + nh * hs, *v = k + nkv * hs;
                     for (int hd = 0; hd < nh + nkv; hd++) {  /* q heads, then k heads: norm, rotate */
                         float *r = q + hd * hs;  /* k follows q, so k head j is q + (nh + j) hs */
                         if (lw[L_QNORM]) norm(r, r, hd < nh ? lw[L_QNORM] : lw[L_KNORM], NULL, hs, 0, c->eps);
@@ -546,63 +555,66 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                     }
                 }
 #pragma omp for schedule(static)
-                for (int bh = 0; bh < B * nh; bh++) {  /* every (row, head) pair on its own */
-                    const int b = bh / nh, hd = bh % nh, p = pos[b] + ti, s = slot ? slot[b] : b;
+                for (int rh = 0; rh < NR * nh; rh++) {  /* every (row, head) pair on its own */
+                    const int r = rh / nh, hd = rh % nh, b = r / tc, p = pos[b] + t0 + r % tc, s = slot ? slot[b] : b;
                     const int first = W && p - W + 1 > 0 ? p - W + 1 : 0;  /* the oldest key this query sees */
                     const size_t base = (((size_t)l * n_slots + s) * nkv + hd / group) * head_stride;
-                    attend(y + (size_t)b * C + hd * hs, qkv + (size_t)b * QKV + hd * hs, kc + base, vc + base, first,
+                    attend(y + (size_t)r * C + hd * hs, qkv + (size_t)r * QKV + hd * hs, kc + base, vc + base, first,
                            p, hs, scale, sinks ? sinks + hd : NULL, att);
                 }
-                matvec(a, mat_at(c, w, ws, at + L_PROJ, xb), lw[L_PROJ_B], y, B, C, C);
+                matvec(a, mat_at(c, w, ws, at + L_PROJ, xb), lw[L_PROJ_B], y, NR, C, C);
 #pragma omp single
                 {
                     if (c->pre_norm) {
-                        for (int i = 0; i < B * C; i++) x[i] += a[i];
-                        for (int b = 0; b < B; b++)
-                            norm(xn + b * C, x + b * C, lw[L_LN2], lw[L_LN2_B], C, c->layernorm, c->eps);
+                        for (int i = 0; i < NR * C; i++) x[i] += a[i];
+                        for (int r = 0; r < NR; r++)
+                            norm(xn + (size_t)r * C, x + (size_t)r * C, lw[L_LN2], lw[L_LN2_B], C, c->layernorm, c->eps);
                     } else {
-                        for (int i = 0; i < B * C; i++) t[i] = x[i] + a[i];
-                        for (int b = 0; b < B; b++)
-                            norm(x + b * C, t + b * C, lw[L_LN1], lw[L_LN1_B], C, c->layernorm, c->eps);
-                        memcpy(xn, x, sizeof(float) * B * C);
+                        for (int i = 0; i < NR * C; i++) t[i] = x[i] + a[i];
+                        for (int r = 0; r < NR; r++)
+                            norm(x + (size_t)r * C, t + (size_t)r * C, lw[L_LN1], lw[L_LN1_B], C, c->layernorm, c->eps);
+                        memcpy(xn, x, sizeof(float) * NR * C);
                     }
                 }
                 /* MLP: its hidden activations into act (B, H) */
                 const Mat fc = mat_at(c, w, ws, at + L_FC, xb);
                 if (c->swiglu) {
-                    matvec(h, fc, lw[L_FC_B], xn, B, 2 * H, C);
+                    matvec(h, fc, lw[L_FC_B], xn, NR, 2 * H, C);
 #pragma omp for schedule(static)
-                    for (int b = 0; b < B; b++) silu_mul(act + (size_t)b * H, h + (size_t)b * 2 * H, h + (size_t)b * 2 * H + H, H);
+                    for (int r = 0; r < NR; r++) silu_mul(act + (size_t)r * H, h + (size_t)r * 2 * H, h + (size_t)r * 2 * H + H, H);
                 } else if (c->relu2) {
-                    matvec(h, fc, lw[L_FC_B], xn, B, H, C);
+                    matvec(h, fc, lw[L_FC_B], xn, NR, H, C);
 #pragma omp for schedule(static)
-                    for (int i = 0; i < B * H; i++) act[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;
+                    for (int i = 0; i < NR * H; i++) act[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;
                 } else {
-                    matvec(h, fc, lw[L_FC_B], xn, B, H, C);
+                    matvec(h, fc, lw[L_FC_B], xn, NR, H, C);
 #pragma omp for schedule(static)
-                    for (int i = 0; i < B * H; i++) act[i] = 0.5f * h[i] * (1.0f + erff(h[i] * 0.70710678118654752f));
+                    for (int i = 0; i < NR * H; i++) act[i] = 0.5f * h[i] * (1.0f + erff(h[i] * 0.70710678118654752f));
                 }
-                matvec(a, mat_at(c, w, ws, at + L_MPROJ, xb), lw[L_MPROJ_B], act, B, C, H);
+                matvec(a, mat_at(c, w, ws, at + L_MPROJ, xb), lw[L_MPROJ_B], act, NR, C, H);
 #pragma omp single
                 {
                     if (c->pre_norm) {
-                        for (int i = 0; i < B * C; i++) x[i] += a[i];
+                        for (int i = 0; i < NR * C; i++) x[i] += a[i];
                     } else {
-                        for (int i = 0; i < B * C; i++) t[i] = x[i] + a[i];
-                        for (int b = 0; b < B; b++)
-                            norm(x + b * C, t + b * C, lw[L_LN2], lw[L_LN2_B], C, c->layernorm, c->eps);
+                        for (int i = 0; i < NR * C; i++) t[i] = x[i] + a[i];
+                        for (int r = 0; r < NR; r++)
+                            norm(x + (size_t)r * C, t + (size_t)r * C, lw[L_LN2], lw[L_LN2_B], C, c->layernorm, c->eps);
                     }
                 }
             }
-        }
+            if (t0 + tc == T) {  /* the last chunk: each row's last position through the final norm and the head */
 #pragma omp single
-        for (int b = 0; b < B; b++) {
-            if (c->pre_norm)
-                norm(xn + b * C, x + b * C, w[W_LNF], w[W_LNF_B], C, c->layernorm, c->eps);
-            else
-                memcpy(xn + b * C, x + b * C, sizeof(float) * C);
+                for (int b = 0; b < B; b++) {
+                    const float *last = x + (size_t)(b * tc + tc - 1) * C;
+                    if (c->pre_norm)
+                        norm(head_in + (size_t)b * C, last, w[W_LNF], w[W_LNF_B], C, c->layernorm, c->eps);
+                    else
+                        memcpy(head_in + (size_t)b * C, last, sizeof(float) * C);
+                }
+                matvec(head_out, mat_at(c, w, ws, W_HEAD, xb), NULL, head_in, B, c->vocab, C);
+            }
         }
-        matvec(head_out, mat_at(c, w, ws, W_HEAD, xb), NULL, xn, B, c->vocab, C);
     }
     if (!contiguous)
         for (int b = 0; b < B; b++)
@@ -884,12 +896,12 @@ void pico_sample_rows(const float *logits, int B, int V, const PicoSampling *smp
    (pos[b] == block_size) the row is rebuilt from its last block_size / 2 tokens, as picollm/sampling.py
    slides its window. keep_logits (n, B, V), if given, receives the logits each token was drawn from.
    Returns the positions written to out (n, B): fewer than n once no row is live; or -PICO_*.
-   work: 5 V floats; scratch: the forward's, for B rows. */
+   work: 5 V floats; scratch: the forward's, for max_rows >= B rows. */
 int pico_generate(const PicoCfg *c, const void *const *w, const float *const *ws, float *kc, float *vc,
                   float *scratch, int n_slots, int B, const int32_t *slot, int32_t *pos, int64_t *hist,
                   int32_t *n_hist, int hist_cap, const PicoSampling *smp, const float *u, int n,
                   const int64_t *stop, int32_t *left, uint8_t *done, float *logits, float *keep_logits,
-                  int64_t *out, float *work) {
+                  int64_t *out, float *work, int max_rows) {
     const int V = c->vocab, keep = c->block_size / 2 > 1 ? c->block_size / 2 : 1;
     for (int b = 0; b < B; b++) {
         if (slot[b] < 0 || slot[b] >= n_slots || (!done[b] && (pos[b] < 1 || pos[b] > c->block_size)))
@@ -933,7 +945,7 @@ int pico_generate(const PicoCfg *c, const void *const *w, const float *const *ws
             if (pos[b] + 1 > c->block_size) {  /* slide: rebuild the row from its last `keep` tokens */
                 const int32_t zero = 0;
                 rc = pico_forward(c, w, ws, kc, vc, scratch, hist + (size_t)b * hist_cap + n_hist[b] - keep, 1, keep,
-                                  &zero, slot + b, n_slots, logits);
+                                  &zero, slot + b, n_slots, logits, max_rows);
                 if (rc == PICO_OK) pos[b] = keep;
             } else {
                 feed[nf] = tok;
@@ -942,7 +954,8 @@ int pico_generate(const PicoCfg *c, const void *const *w, const float *const *ws
                 frow[nf++] = b;
             }
         }
-        if (rc == PICO_OK && nf) rc = pico_forward(c, w, ws, kc, vc, scratch, feed, nf, 1, fpos, fslot, n_slots, logits);
+        if (rc == PICO_OK && nf)
+            rc = pico_forward(c, w, ws, kc, vc, scratch, feed, nf, 1, fpos, fslot, n_slots, logits, max_rows);
         if (rc == PICO_OK)
             for (int f = 0; f < nf; f++) pos[frow[f]] = fpos[f] + 1;
     }
