@@ -138,17 +138,17 @@ static inline void reduce8(const __m512 v[8], float out[8]) {
     }
 }
 
-/* out[r][b] = sum(a0[r][b] + a1[r][b]) for the RJ x NB (<= 8) accumulator pairs of a tile. */
-static inline __attribute__((always_inline)) void reduce_tile(__m512 a0[2][4], __m512 a1[2][4], float s[2][4],
+/* s[r][b] = sum(a0[r][b] + a1[r][b]) for the RJ x NB (<= 8) accumulator pairs of a tile. */
+static inline __attribute__((always_inline)) void reduce_tile(__m512 a0[4][4], __m512 a1[4][4], float s[4][4],
                                                               const int RJ, const int NB) {
     __m512 v[8];
     float out[8];
     for (int k = 0; k < 8; k++) v[k] = _mm512_setzero_ps();
     for (int r = 0; r < RJ; r++)
-        for (int b = 0; b < NB; b++) v[r * 4 + b] = _mm512_add_ps(a0[r][b], a1[r][b]);
+        for (int b = 0; b < NB; b++) v[r * NB + b] = _mm512_add_ps(a0[r][b], a1[r][b]);
     reduce8(v, out);
     for (int r = 0; r < RJ; r++)
-        for (int b = 0; b < NB; b++) s[r][b] = out[r * 4 + b];
+        for (int b = 0; b < NB; b++) s[r][b] = out[r * NB + b];
 }
 #endif
 
@@ -160,12 +160,12 @@ static inline __attribute__((always_inline)) void reduce_tile(__m512 a0[2][4], _
 static inline __attribute__((always_inline)) void dot_tile(float *out, size_t ostride, Mat m, int j0,
                                                            const float *x, int n_in, const int RJ, const int NB,
                                                            const int type) {
-    const float *rs[2];
-    float s[2][4];
+    const float *rs[4];
+    float s[4][4];
     for (int r = 0; r < RJ; r++) rs[r] = row_scales(m, j0 + r, n_in);
     int i = 0;
 #ifdef __AVX512F__
-    __m512 a0[2][4], a1[2][4];
+    __m512 a0[4][4], a1[4][4];
     for (int r = 0; r < RJ; r++)
         for (int b = 0; b < NB; b++) a0[r][b] = a1[r][b] = _mm512_setzero_ps();
     for (; i + 32 <= n_in; i += 32) {
@@ -204,16 +204,12 @@ static inline __attribute__((always_inline)) void dot_tile(float *out, size_t os
         for (int b = 0; b < NB; b++) out[(size_t)b * ostride + j0 + r] = s[r][b];
 }
 
-/* out[b, j] = W[j, :] . x[b, :] for the rows j0 .. j0 + RJ - 1 of W and every b < B, 4 rows of x at a time. */
+/* out[b, j] = W[j, :] . x[b, :] for the rows j0 .. j0 + RJ - 1 of W and every b < B, 2 rows of x at a time. */
 static inline __attribute__((always_inline)) void rows_tile(float *out, int n_out, Mat m, int j0, const float *x,
                                                             int B, int n_in, const int RJ, const int type) {
     int b = 0;
-    for (; b + 4 <= B; b += 4) dot_tile(out + (size_t)b * n_out, n_out, m, j0, x + (size_t)b * n_in, n_in, RJ, 4, type);
-    float *o = out + (size_t)b * n_out;
-    const float *xb = x + (size_t)b * n_in;
-    if (B - b == 3) dot_tile(o, n_out, m, j0, xb, n_in, RJ, 3, type);
-    if (B - b == 2) dot_tile(o, n_out, m, j0, xb, n_in, RJ, 2, type);
-    if (B - b == 1) dot_tile(o, n_out, m, j0, xb, n_in, RJ, 1, type);
+    for (; b + 2 <= B; b += 2) dot_tile(out + (size_t)b * n_out, n_out, m, j0, x + (size_t)b * n_in, n_in, RJ, 2, type);
+    if (b < B) dot_tile(out + (size_t)b * n_out, n_out, m, j0, x + (size_t)b * n_in, n_in, RJ, 1, type);
 }
 
 static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as _mm512_cvtneps_pbh */
@@ -237,12 +233,12 @@ static void round_bf16(uint16_t *xb, const float *x, size_t n) {
 static inline __attribute__((always_inline)) void dot_tile_bf16(float *out, size_t ostride, Mat m, int j0,
                                                                 const uint16_t *xb, int n_in, const int RJ,
                                                                 const int NB) {
-    float s[2][4];
+    float s[4][4];
     int i = 0;
-    const uint16_t *wr[2];
+    const uint16_t *wr[4];
     for (int r = 0; r < RJ; r++) wr[r] = (const uint16_t *)m.w + (size_t)(j0 + r) * n_in;
 #ifdef __AVX512BF16__
-    __m512 a0[2][4], a1[2][4];
+    __m512 a0[4][4], a1[4][4];
     for (int r = 0; r < RJ; r++)
         for (int b = 0; b < NB; b++) a0[r][b] = a1[r][b] = _mm512_setzero_ps();
     for (; i + 64 <= n_in; i += 64) {
@@ -282,35 +278,39 @@ static inline __attribute__((always_inline)) void dot_tile_bf16(float *out, size
 static inline __attribute__((always_inline)) void rows_tile_bf16(float *out, int n_out, Mat m, int j0, const uint16_t *xb,
                                                                  int B, int n_in, const int RJ) {
     int b = 0;
-    for (; b + 4 <= B; b += 4) dot_tile_bf16(out + (size_t)b * n_out, n_out, m, j0, xb + (size_t)b * n_in, n_in, RJ, 4);
-    float *o = out + (size_t)b * n_out;
-    const uint16_t *x = xb + (size_t)b * n_in;
-    if (B - b == 3) dot_tile_bf16(o, n_out, m, j0, x, n_in, RJ, 3);
-    if (B - b == 2) dot_tile_bf16(o, n_out, m, j0, x, n_in, RJ, 2);
-    if (B - b == 1) dot_tile_bf16(o, n_out, m, j0, x, n_in, RJ, 1);
+    for (; b + 2 <= B; b += 2) dot_tile_bf16(out + (size_t)b * n_out, n_out, m, j0, xb + (size_t)b * n_in, n_in, RJ, 2);
+    if (b < B) dot_tile_bf16(out + (size_t)b * n_out, n_out, m, j0, xb + (size_t)b * n_in, n_in, RJ, 1);
 }
 
-/* One tile of W's rows for a weight type known here: at batch 1 row t; else rows 2t, 2t + 1 (the last tile
-   of an odd n_out: one row). */
+/* Tiles of W's rows: at batch 1 one row each (one sequential stream per thread: a large model reads its
+   weights from memory near the memory's bandwidth); else 4 rows, for 2 rows of x at a time (16
+   accumulators), and the n_out % 4 rows left over one each. */
+static inline int tiles_of(int B, int n_out) { return B == 1 ? n_out : n_out / 4 + n_out % 4; }
+
+static inline void tile_rows(int B, int n_out, int t, int *j0, int *nj) {
+    if (B == 1) *j0 = t, *nj = 1;
+    else if (t < n_out / 4) *j0 = 4 * t, *nj = 4;
+    else *j0 = n_out / 4 * 4 + (t - n_out / 4), *nj = 1;
+}
+
 static inline __attribute__((always_inline)) void tile_of(float *out, int n_out, Mat m, int t, const float *x, int B,
                                                           int n_in, const int type) {
+    int j0, nj;
+    tile_rows(B, n_out, t, &j0, &nj);
     if (type == WT_BF16) {  /* x was rounded into m.xb */
-        if (B == 1) rows_tile_bf16(out, n_out, m, t, m.xb, B, n_in, 1);
-        else if (2 * t + 1 == n_out) rows_tile_bf16(out, n_out, m, 2 * t, m.xb, B, n_in, 1);
-        else rows_tile_bf16(out, n_out, m, 2 * t, m.xb, B, n_in, 2);
-        return;
+        if (nj == 4) rows_tile_bf16(out, n_out, m, j0, m.xb, B, n_in, 4);
+        else rows_tile_bf16(out, n_out, m, j0, m.xb, B, n_in, 1);
+    } else {
+        if (nj == 4) rows_tile(out, n_out, m, j0, x, B, n_in, 4, type);
+        else rows_tile(out, n_out, m, j0, x, B, n_in, 1, type);
     }
-    if (B == 1) rows_tile(out, n_out, m, t, x, B, n_in, 1, type);
-    else if (2 * t + 1 == n_out) rows_tile(out, n_out, m, 2 * t, x, B, n_in, 1, type);
-    else rows_tile(out, n_out, m, 2 * t, x, B, n_in, 2, type);
 }
 
 /* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out; W is (n_out, n_in), row-major. At batch 1
-   a row of W at a time (one sequential stream per thread: a large model reads its weights from memory
-   near the memory's bandwidth), else two, for 4 rows of x at a time. Called by every thread of
-   pico_forward's parallel region: the tiles are split among them (omp for, a barrier at the end). */
+   a row of W at a time, else 4 (tiles_of). Called by every thread of pico_forward's parallel region:
+   the tiles are split among them (omp for, a barrier at the end). */
 static void matvec(float *out, Mat m, const float *bias, const float *x, int B, int n_out, int n_in) {
-    const int n_tiles = B == 1 ? n_out : (n_out + 1) / 2;
+    const int n_tiles = tiles_of(B, n_out);
     if (m.type == WT_BF16) {
 #pragma omp single
         round_bf16(m.xb, x, (size_t)B * n_in);  /* bf16 weights take bf16 inputs */
@@ -321,9 +321,10 @@ static void matvec(float *out, Mat m, const float *bias, const float *x, int B, 
         else if (m.type == WT_BF16) tile_of(out, n_out, m, t, x, B, n_in, WT_BF16);
         else tile_of(out, n_out, m, t, x, B, n_in, WT_INT8);
         if (bias) {
-            const int j0 = B == 1 ? t : 2 * t, j1 = B == 1 || j0 + 1 == n_out ? j0 + 1 : j0 + 2;
+            int j0, nj;
+            tile_rows(B, n_out, t, &j0, &nj);
             for (int b = 0; b < B; b++)
-                for (int j = j0; j < j1; j++) out[(size_t)b * n_out + j] += bias[j];
+                for (int j = j0; j < j0 + nj; j++) out[(size_t)b * n_out + j] += bias[j];
         }
     }
 }
