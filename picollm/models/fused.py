@@ -274,14 +274,17 @@ class FusedDecoder:
         self._keep.append(t)
         return t.data_ptr()
 
-    def new_state(self, batch_size: int, device=None) -> FusedState:
-        """A state of batch_size slots (KV caches, scratch for a step of batch_size rows, logits)."""
+    def new_state(self, batch_size: int, device=None, touch: bool = False) -> FusedState:
+        """A state of batch_size slots (KV caches, scratch for a step of batch_size rows, logits). touch: write
+        the KV caches now (a long-lived state, a server's: their pages are not faulted in while serving,
+        which with transparent huge pages can stall a request for a quarter second a slot)."""
         c = self.cfg
         shape = (c.n_layer, batch_size, c.n_kv_heads, c.block_size, c.head_size)
         rows = max(batch_size, PREFILL_ROWS)
         n_scratch = self.lib.pico_scratch_floats(self._ccfg_ref, rows)
-        return FusedState(torch.empty(shape), torch.empty(shape), torch.zeros(n_scratch),
-                          torch.empty(batch_size, 1, c.vocab_size), rows)
+        alloc = torch.zeros if touch else torch.empty
+        return FusedState(alloc(shape), alloc(shape), torch.zeros(n_scratch), torch.empty(batch_size, 1, c.vocab_size),
+                          rows)
 
     def step(self, idx: torch.Tensor, state: FusedState):
         """Feed idx (B, t) after the state.pos tokens already cached (in slots 0..B-1); returns (logits
@@ -349,9 +352,9 @@ class FusedRows:
     row at once; the server starts a row when a request arrives and the row runs until it finishes, beside
     whatever other rows are live (continuous batching)."""
 
-    def __init__(self, dec: FusedDecoder, slots: int, max_new_tokens: int):
+    def __init__(self, dec: FusedDecoder, slots: int, max_new_tokens: int, touch: bool = False):
         self.dec, self.lib = dec, dec.lib
-        self.state = dec.new_state(slots)
+        self.state = dec.new_state(slots, touch=touch)
         S, V = slots, dec.cfg.vocab_size
         self.hist_cap = dec.cfg.block_size + max_new_tokens
         self.slot = torch.arange(S, dtype=torch.int32)

@@ -265,7 +265,7 @@ class RowPool:
     jobs and given back, all stepped by one C call a round."""
 
     def __init__(self, dec: FusedDecoder, rows: int, max_new_tokens: int):
-        self.rows = FusedRows(dec, rows, max_new_tokens)
+        self.rows = FusedRows(dec, rows, max_new_tokens, touch=True)
         self.free: list[int] = list(range(rows))
         self.jobs: list[Job] = []
 
