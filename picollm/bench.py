@@ -208,12 +208,13 @@ def bench_variants(device: str, quick: bool, precision: str = "auto") -> dict:
     return out
 
 
-def bench_quality(device: str, steps: int) -> tuple[dict, torch.nn.Module]:
+def bench_quality(device: str, steps: int) -> tuple[dict, torch.nn.Module, tuple]:
     """Test loss after the same number of steps, ours (default settings) vs the fp32 reference, both at
     T4 (vocab 4096) on the numeric corpus with a BPE of at most 4096 ids: speed must not cost quality.
-    Returns (results, our trained model), which the generation bench samples from."""
+    Returns (results, our trained model, (its DataConfig, its tokenizer)), which the generation benches use."""
     V = T4["vocab_size"]
-    corpus = build_corpus(DataConfig(dataset="numbers", tokenizer="bpe", vocab_size=V, seed=0))
+    dcfg = DataConfig(dataset="numbers", tokenizer="bpe", vocab_size=V, seed=0)
+    corpus = build_corpus(dcfg)
     results, trained = {}, None
     ref_mod = _load_bench_module("reference_gpt")
     for name in ("transformer", "reference_gpt"):
@@ -236,7 +237,7 @@ def bench_quality(device: str, steps: int) -> tuple[dict, torch.nn.Module]:
         results[name] = {"test_loss": r["test_loss"], "precision": precision}
     results["steps"] = steps
     results["tokenizer_vocab"] = corpus.tokenizer.vocab_size
-    return results, trained
+    return results, trained, (dcfg, corpus.tokenizer)
 
 
 @torch.no_grad()
@@ -469,6 +470,24 @@ def bench_streams(model: torch.nn.Module, n_new: int = 128, streams: int = 8, ro
     return {"streams": streams, "n_new": n_new, "weights": out}
 
 
+def bench_decode(model: torch.nn.Module, dcfg: DataConfig, tokenizer, quick: bool) -> dict:
+    """The CPU decode loop (fused_decode.c) on bench_quality's trained T4 model: batch-1 generation with
+    fp32, bf16 and int8 weights against llama.cpp on the same weights (the model saved as a run, its GGUF
+    written by pico-llm's export; null without llama-cpp-python), and 8 concurrent streams against one."""
+    import tempfile
+
+    from .checkpoint import save_config, save_weights
+
+    model = copy.deepcopy(model).float().cpu().eval()
+    n_new = 64 if quick else 200
+    with tempfile.TemporaryDirectory(prefix="pico-bench-run-") as run:
+        save_config(run, model.cfg, dcfg, TrainConfig())
+        save_weights(run, model, 0)
+        tokenizer.save(run)
+        vs = generation_vs_llama_cpp(run, n_new=n_new, rounds=3 if quick else 7)
+    return {"vs_llama_cpp": vs, "streams": bench_streams(model, n_new=32 if quick else 128, rounds=2 if quick else 5)}
+
+
 def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto", compile: bool = False,
               log: Callable[[str], None] = print) -> dict:
     amp = resolve_precision(precision, device)
@@ -479,9 +498,12 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
     log("training tokens/s on T4 ...")
     res["train"] = bench_train(device, quick, precision, compile)
     log("test loss after the same steps ...")
-    res["quality"], trained = bench_quality(device, QUALITY_STEPS[quick])
+    res["quality"], trained, data = bench_quality(device, QUALITY_STEPS[quick])
     log("generation ...")
     res["generate"] = bench_generate(device, quick, precision, trained)
+    if device == "cpu":
+        log("the decode loop in C: weights, llama.cpp, concurrent streams ...")
+        res["decode"] = bench_decode(trained, *data, quick)
     log("Transformer variants (GQA, MQA, MoE) ...")
     res["variants"] = bench_variants(device, quick, precision)
     log("k-gram vs the starter's loop ...")
@@ -490,6 +512,25 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
     res["data"] = bench_tokenizer(quick)
     res["precision"] = dtype_name(amp)
     return res
+
+
+def _decode_report(d: dict) -> list[str]:
+    vs, st = d["vs_llama_cpp"], d["streams"]
+    lines = [""]
+    if vs.get("llama_cpp") is None:
+        lines.append(f"vs llama.cpp: null ({vs['note']})")
+    else:
+        lines += [f"batch 1 vs llama.cpp {vs['llama_cpp']} on the same weights ({vs['model']}, {vs['n_new']} tokens, "
+                  f"top-p {vs['top_p']}, {vs['threads']} threads; greedy 32 tokens identical: {vs['greedy_32_identical']}):",
+                  "| weights | pico-llm tok/s | llama.cpp | llama.cpp tok/s | ratio |", "|---|---|---|---|---|"]
+        for ours, theirs in LLAMA_PAIRS:
+            t = vs["tokens_per_s"]
+            lines.append(f"| {ours} | {t['pico_' + ours]:,.0f} | {theirs} | {t['llama_' + theirs]:,.0f} | "
+                         f"{vs['ratios'][f'{ours} vs {theirs}']:.2f}x |")
+    lines += ["", f"| weights | 1 stream tok/s | {st['streams']} streams tok/s | ratio |", "|---|---|---|---|"]
+    for w, r in st["weights"].items():
+        lines.append(f"| {w} | {r['one_tokens_per_s']:,.0f} | {r['streams_tokens_per_s']:,.0f} | {r['ratio']:.2f}x |")
+    return lines
 
 
 def format_report(res: dict) -> str:
@@ -518,6 +559,8 @@ def format_report(res: dict) -> str:
         lines.append(f"  vs HF generate: fp32 {g['hf_tokens_per_s']:,.0f} tok/s ({g['kv_cache_vs_hf']:.1f}x), "
                      f"{g['precision']} {g['hf_same_precision_tokens_per_s']:,.0f} ({g['kv_cache_vs_hf_same_precision']:.1f}x); "
                      f"ours in fp32 {g['kv_cache_fp32_tokens_per_s']:,.0f} ({g['fp32_vs_hf_fp32']:.1f}x HF fp32)")
+    if "decode" in res:
+        lines += _decode_report(res["decode"])
     lines += ["", "| variant (T4) | params | train tokens/s | vs dense | decode tokens/s | vs dense | decode step |",
               "|---|---|---|---|---|---|---|"]
     for name, r in res["variants"].items():

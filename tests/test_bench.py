@@ -30,10 +30,11 @@ def c_step_builds_here(tmp_path) -> bool:
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts the fused decode step's calls, so a test sees which step generation really ran."""
+    """Counts the fused decoder's feeds (a prompt, or a step of the Python loop), so a test sees which step
+    generation really ran."""
     calls = []
-    real = fused.FusedDecoder.step
-    monkeypatch.setattr(fused.FusedDecoder, "step", lambda self, idx, st: calls.append(idx.size(1)) or real(self, idx, st))
+    real = fused.FusedDecoder.feed
+    monkeypatch.setattr(fused.FusedDecoder, "feed", lambda self, st, idx, *a: calls.append(idx.size(1)) or real(self, st, idx, *a))
     return calls
 
 
@@ -68,6 +69,17 @@ def test_bench_json_shape(tmp_path, monkeypatch, capsys, fused_calls):
     assert v["moe"]["decoder"] == "torch" and v["gqa"]["decoder"] == g["decoder"]  # the C step declines MoE only
     assert v["moe_top2"]["flops_per_token"] > v["moe"]["flops_per_token"] > v["dense"]["flops_per_token"]
     assert "| moe |" in capsys.readouterr().out.replace("moe_top2", "")
+    d = res["decode"]  # the C decode loop: our weights against llama.cpp's (null without it), streams against one
+    vs = d["vs_llama_cpp"]
+    try:
+        import llama_cpp  # noqa: F401  (make test-all installs it)
+        assert vs["tokens_per_s"]["pico_int8"] > 0 and vs["tokens_per_s"]["llama_q8_0"] > 0
+        assert set(vs["ratios"]) == {"fp32 vs f32", "bf16 vs f16", "int8 vs q8_0"}
+    except ImportError:
+        assert vs["llama_cpp"] is None and "not installed" in vs["note"]
+    assert d["streams"]["streams"] == 8
+    assert all(r["one_tokens_per_s"] > 0 and r["streams_tokens_per_s"] > 0 for r in d["streams"]["weights"].values())
+    assert set(d["streams"]["weights"]) == {"fp32", "bf16", "int8"}
     assert res["kgram_vs_loop"]["ratio"] > 0
     for kind in ("english", "numeric"):  # bpe tokenization: ours (tiktoken with the bpe's ranks) beside HF's
         d = res["data"][kind]
