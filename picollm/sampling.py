@@ -14,7 +14,7 @@ import torch
 from .config import SampleConfig
 from .device import resolve_precision
 from .errors import PicoError
-from .models.fused import FusedDecoder, FusedRows, fused_unavailable
+from .models.fused import FusedDecoder, FusedRows, cached_decoder, fused_unavailable
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -112,7 +112,7 @@ def decoder_for(model, decoder="auto", batch_size: int = 1):
         return model
     reason = fused_unavailable(model)
     if reason is None:
-        return FusedDecoder(model)
+        return cached_decoder(model)
     if decoder == "fused":
         raise PicoError(f"--decoder fused: {reason}")
     return model
@@ -174,18 +174,21 @@ def _decode_fused(dec: FusedDecoder, idx: torch.Tensor, cfg: SampleConfig, eot_i
     gen = _generator(cfg, idx.device)
     B = idx.size(0)
     rows = FusedRows(dec, B, cfg.max_new_tokens)
-    rows.start(list(range(B)), idx, cfg, eot_id if cfg.stop_at_eot else None)
-    greedy = cfg.greedy or cfg.temperature == 0
-    left = cfg.max_new_tokens
-    while left > 0:
-        n = min(max(1, chunk), left)
-        u = None if greedy else torch.rand(n, B, generator=gen)
-        toks, lg = rows.run(n, u, keep_logits)
-        for s in range(toks.size(0)):
-            yield toks[s], None if lg is None else lg[s]
-        if toks.size(0) < n:  # every row stopped
-            return
-        left -= n
+    try:
+        rows.start(list(range(B)), idx, cfg, eot_id if cfg.stop_at_eot else None)
+        greedy = cfg.greedy or cfg.temperature == 0
+        left = cfg.max_new_tokens
+        while left > 0:
+            n = min(max(1, chunk), left)
+            u = None if greedy else torch.rand(n, B, generator=gen)
+            toks, lg = rows.run(n, u, keep_logits)
+            for s in range(toks.size(0)):
+                yield toks[s], None if lg is None else lg[s]
+            if toks.size(0) < n:  # every row stopped
+                return
+            left -= n
+    finally:
+        rows.close()
 
 
 def _decode(stepper, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[int]):
@@ -258,9 +261,12 @@ def generate_batch(model, prompts: list[list[int]], cfg: SampleConfig, eot_id: O
         stop = eot_id if cfg.stop_at_eot else None
         if isinstance(stepper, FusedDecoder):
             rows = FusedRows(stepper, B, cfg.max_new_tokens)
-            for r, p in enumerate(prompts):
-                rows.start([r], torch.tensor([p]), cfg, stop)
-            toks, _ = rows.run(cfg.max_new_tokens, None if greedy else torch.rand(cfg.max_new_tokens, B, generator=gen))
+            try:
+                for r, p in enumerate(prompts):
+                    rows.start([r], torch.tensor([p]), cfg, stop)
+                toks, _ = rows.run(cfg.max_new_tokens, None if greedy else torch.rand(cfg.max_new_tokens, B, generator=gen))
+            finally:
+                rows.close()
         else:
             toks = _ragged_torch(stepper, prompts, cfg, stop, gen)
     finally:

@@ -185,12 +185,12 @@ def test_bad_token_ids_and_a_full_cache_are_refused_without_writing():
     dec = FusedDecoder(m)
     state = dec.new_state(1)
     dec.step(torch.tensor([[1, 2, 3]]), state)
-    k_before = state.k.clone()
+    k_before = state.k[:, :, :, :8].clone()  # the cache's positions (uninitialized past the written ones)
     with pytest.raises(IndexError, match=r"\[0, 20\)"):
         dec.step(torch.tensor([[4, 20]]), state)
     with pytest.raises(IndexError):
         dec.step(torch.tensor([[-1]]), state)
-    assert state.pos == 3 and torch.equal(state.k, k_before)
+    assert state.pos == 3 and torch.equal(state.k[:, :, :, :8].nan_to_num(), k_before.nan_to_num())
     with pytest.raises(ValueError, match="KV cache full"):
         dec.step(torch.zeros(1, 6, dtype=torch.long), state)
 
@@ -202,7 +202,7 @@ def test_each_failure_of_the_c_step_names_its_own_cause():
     dec = FusedDecoder(m)
     state = dec.new_state(1)
     dec.step(torch.tensor([[1, 2]]), state)
-    k_before = state.k.clone()
+    k_before = state.k[:, :, :, :8].clone()  # the cache's positions (uninitialized past the written ones)
     with pytest.raises(IndexError, match=r"\[0, 20\), got 20 at row 0, position 1"):
         dec.step(torch.tensor([[4, 20]]), state)
     with pytest.raises(ValueError, match="nothing to feed"):
@@ -214,7 +214,7 @@ def test_each_failure_of_the_c_step_names_its_own_cause():
     dec.weights[0] = None  # the token embedding's pointer
     with pytest.raises(RuntimeError, match="weight the fused step reads is missing"):
         dec.step(torch.tensor([[3]]), state)
-    assert state.pos == 2 and torch.equal(state.k, k_before)
+    assert state.pos == 2 and torch.equal(state.k[:, :, :, :8].nan_to_num(), k_before.nan_to_num())
 
 
 def test_without_a_compiler_generation_falls_back_to_pytorch(monkeypatch, tmp_path):
@@ -361,3 +361,22 @@ def test_a_prompt_goes_through_the_layers_in_chunks(monkeypatch):
         dec = FusedDecoder(m)
         assert dec.new_state(B).rows == 3
         torch.testing.assert_close(stepped_logits(dec, idx, prefill), m(idx)[:, prefill - 1:], atol=2e-5, rtol=1e-4)
+
+
+def test_generate_reuses_the_decoder_until_a_weight_changes():
+    """decoder_for keeps one FusedDecoder per model (its weight copies and KV caches reused across calls)
+    while no parameter changes; a training step's in-place update, or a cast, makes a new one, whose
+    logits follow the new weights."""
+    cfg = ModelConfig(vocab_size=50, block_size=16, n_embd=32, n_layer=1, n_head=2)
+    m = perturbed(cfg, seed=8)
+    d1 = decoder_for(m)
+    assert decoder_for(m) is d1
+    idx = torch.randint(50, (1, 6))
+    before = generate(m, idx, SampleConfig(max_new_tokens=8, greedy=True))
+    with torch.no_grad():
+        m.ln_f.weight.mul_(-1.0)  # a norm weight: the decoder holds a float32 copy of it
+    d2 = decoder_for(m)
+    assert d2 is not d1
+    after = generate(m, idx, SampleConfig(max_new_tokens=8, greedy=True))
+    torch.testing.assert_close(stepped_logits(d2, idx, 6)[:, 0], m(idx)[:, -1], atol=2e-5, rtol=1e-4)
+    assert not torch.equal(before, after)

@@ -27,6 +27,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -160,6 +162,22 @@ def fused_unavailable(model, weights: str = "model") -> Optional[str]:
     return None
 
 
+_decoders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def cached_decoder(model) -> "FusedDecoder":
+    """FusedDecoder(model), made once per model and kept while no parameter or buffer changes (each tensor's
+    storage and in-place version are its key: a training step or a dtype cast makes a new one). Repeated
+    generate calls then reuse its weight copies and its KV caches."""
+    key = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    hit = _decoders.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    dec = FusedDecoder(model)
+    _decoders[model] = (key, dec)
+    return dec
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A (rows, cols) weight -> (int8 values (rows, cols), float32 scales (rows, ceil(cols / QGROUP))): each
     group of QGROUP consecutive inputs of a row (the last one partial where cols is not a multiple) shares
@@ -269,6 +287,8 @@ class FusedDecoder:
         assert len(scales) == len(ptrs)
         self.weights = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self.scales = (ctypes.c_void_p * len(ptrs))(*scales)
+        self._spare: dict[int, FusedState] = {}  # a state per slot count, lent out and given back (borrow_state)
+        self._lock = threading.Lock()
 
     def _ptr(self, t: torch.Tensor) -> int:
         self._keep.append(t)
@@ -285,6 +305,19 @@ class FusedDecoder:
         alloc = torch.zeros if touch else torch.empty
         return FusedState(alloc(shape), alloc(shape), torch.zeros(n_scratch), torch.empty(batch_size, 1, c.vocab_size),
                           rows)
+
+    def borrow_state(self, slots: int) -> FusedState:
+        """A state of `slots` slots for one user at a time: the one given back last, else a new one. A large
+        model's KV caches are tens of MB: allocating them for every generate call costs page faults (and,
+        with transparent huge pages, compaction stalls) each time."""
+        with self._lock:
+            st = self._spare.pop(slots, None)
+        return st if st is not None else self.new_state(slots)
+
+    def give_back_state(self, st: FusedState) -> None:
+        st.pos = 0
+        with self._lock:
+            self._spare[st.slots] = st
 
     def step(self, idx: torch.Tensor, state: FusedState):
         """Feed idx (B, t) after the state.pos tokens already cached (in slots 0..B-1); returns (logits
@@ -354,7 +387,8 @@ class FusedRows:
 
     def __init__(self, dec: FusedDecoder, slots: int, max_new_tokens: int, touch: bool = False):
         self.dec, self.lib = dec, dec.lib
-        self.state = dec.new_state(slots, touch=touch)
+        self.borrowed = not touch  # a long-lived pool's state is its own (touched); else lent by the decoder
+        self.state = dec.borrow_state(slots) if self.borrowed else dec.new_state(slots, touch=True)
         S, V = slots, dec.cfg.vocab_size
         self.hist_cap = dec.cfg.block_size + max_new_tokens
         self.slot = torch.arange(S, dtype=torch.int32)
@@ -412,6 +446,12 @@ class FusedRows:
     def free(self, rows: list[int]) -> None:
         """Ends rows early (a client that went away): their slots can start again."""
         self.done[torch.tensor(rows, dtype=torch.long)] = 1
+
+    def close(self) -> None:
+        """Gives a borrowed state back to the decoder (the rows are done with it)."""
+        if self.borrowed and self.state is not None:
+            self.dec.give_back_state(self.state)
+        self.state = None
 
 
 def sample_rows(logits: torch.Tensor, cfg, u: Optional[torch.Tensor]) -> torch.Tensor:
