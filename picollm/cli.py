@@ -278,7 +278,7 @@ def generate_args(g: argparse.ArgumentParser) -> None:
     add_device_arg(g)
     g.add_argument("--decoder", choices=["auto", "fused", "torch"], default="auto",
                    help="Transformer decode step: fused = one C call per token on a CPU (compiled at first use), "
-                        "torch = PyTorch ops; auto = fused where it can serve the model and batch <= 4")
+                        "torch = PyTorch ops; auto = fused where it can serve the model")
     g.add_argument("--steer", action="append", default=[], metavar="SAE_DIR:FEATURE=SCALE",
                    help="add SCALE x the SAE feature's decoder row at its site at every position (repeatable; "
                         "decodes with --decoder torch)")

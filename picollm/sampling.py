@@ -92,23 +92,21 @@ def sample_next(logits: torch.Tensor, cfg: SampleConfig, generator: Optional[tor
 
 
 DECODERS = ("auto", "fused", "torch")
-# "auto" takes the fused step up to this batch size. `python bench/decode_step.py` (2 cores): the fused
-# step was faster at batch <= 4 in every case (T4 and a GPT-2-small-size model, bf16 and fp32 weights:
-# 1.5-10.7x); at batch 8 it lost for the larger model in bf16 (0.87x), where PyTorch's bf16 matmuls
-# (AMX) win once there are enough rows; the C step computes in float32 FMAs.
-FUSED_MAX_BATCH = 4
+# "auto" takes the fused step wherever it can serve the model, at any batch: `python bench/decode_step.py`
+# (2 cores, AVX-512 BF16): it was faster than the PyTorch step at batches 1 to 64, T4 (15.8x at 1, 1.65x at
+# 64 in bf16) and a GPT-2-small-size model (1.76x at 8, 1.38x at 64 in bf16). bench/RESULTS.md has the tables.
 
 
-def decoder_for(model, decoder="auto", batch_size: int = 1):
+def decoder_for(model, decoder="auto"):
     """What generate() steps: the model itself ("torch"), or its fused CPU decode step ("fused": the
     Transformer's whole step in one C call, models/fused.py; an error where it cannot serve the model).
-    "auto" takes the fused step where it can serve the model and batch_size <= FUSED_MAX_BATCH.
-    A FusedDecoder made beforehand (e.g. with int8 weights, or kept across many calls) is used as it is."""
+    "auto" takes the fused step where it can serve the model. A FusedDecoder made beforehand (e.g. with
+    int8 weights) is used as it is."""
     if isinstance(decoder, FusedDecoder):
         return decoder
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-    if decoder == "torch" or (decoder == "auto" and batch_size > FUSED_MAX_BATCH):
+    if decoder == "torch":
         return model
     reason = fused_unavailable(model)
     if reason is None:
@@ -149,7 +147,7 @@ def decode_steps(model, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[i
     Closing the iterator early (a consumer that stops) frees the state; the model's train/eval mode is
     restored when it ends either way.
     """
-    stepper = decoder_for(model, decoder, idx.size(0))
+    stepper = decoder_for(model, decoder)
     was_training = model.training
     model.eval()
     try:
@@ -251,7 +249,7 @@ def generate_batch(model, prompts: list[list[int]], cfg: SampleConfig, eot_id: O
     row with sample_next's rule, so both paths give the same tokens."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise PicoError("generate_batch needs at least one prompt, each of at least one token")
-    stepper = decoder_for(model, decoder, 1)
+    stepper = decoder_for(model, decoder)
     was_training = model.training
     model.eval()
     try:

@@ -165,14 +165,10 @@ def test_the_c_loop_streams_in_chunks_with_the_logits_of_each_draw():
             assert bool((a[int(hits[0]):, r] == eot).all())
 
 
-def test_auto_picks_fused_for_small_cpu_transformer_batches_only():
-    from picollm.sampling import FUSED_MAX_BATCH
-
+def test_auto_picks_fused_for_a_cpu_transformer():
     t = build_model(ModelConfig(vocab_size=20, block_size=8, n_embd=16, n_head=2))
     lstm = build_model(ModelConfig(model="lstm", vocab_size=20, n_embd=16))
     assert isinstance(decoder_for(t), FusedDecoder)
-    assert decoder_for(t, "auto", FUSED_MAX_BATCH + 1) is t
-    assert isinstance(decoder_for(t, "fused", FUSED_MAX_BATCH + 1), FusedDecoder)
     assert decoder_for(t, "torch") is t
     assert decoder_for(lstm) is lstm
     with pytest.raises(PicoError, match="Transformer only"):

@@ -350,7 +350,7 @@ class Engine:
         fused step, or the job has more rows than the pool."""
         key = id(job.served)
         if key not in self._pools:
-            dec = decoder_for(job.served.model, job.served.decoder, 1)
+            dec = decoder_for(job.served.model, job.served.decoder)
             self._pools[key] = RowPool(dec, self.pool_rows, self.max_new_tokens) if isinstance(dec, FusedDecoder) else None
         pool = self._pools[key]
         return pool if pool is not None and job.rows_needed() <= pool.size else None
