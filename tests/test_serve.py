@@ -439,3 +439,25 @@ def test_playground_streams_in_chromium(browser, server, loaded):
     p = float(tok.get_attribute("data-p"))
     assert float(rows[0].find_elements(By.TAG_NAME, "td")[1].text) == pytest.approx(p, abs=1e-4)
     assert f"p = {p:.4f}" in tip.find_element(By.CLASS_NAME, "chosen-p").text
+
+
+def test_int8_weights_serve_what_generate_gives(run_dir, loaded):
+    """`serve --weights int8`: the requests decode through the int8 fused decoder, batched, and a seed gives
+    what `generate` with the same int8 decoder gives."""
+    from picollm.sampling import for_sampling
+
+    model, tok = loaded
+    _, dec = for_sampling(model, "int8", "cpu")
+    proc, url = start_server(run_dir, "--weights", "int8", "--max_active", "2")
+    try:
+        for seed, prompt in ((1, "the cat"), (2, "a dog sat")):
+            status, r = post(url + "/v1/completions", {"prompt": prompt, "max_tokens": 30, "seed": seed})
+            assert status == 200
+            ids = tok.encode(prompt)
+            out = generate(model, torch.tensor([ids]), SampleConfig(max_new_tokens=30, seed=seed, stop_at_eot=True),
+                           eot_id=tok.eot_id, decoder=dec)[0, len(ids):].tolist()
+            if tok.eot_id in out:
+                out = out[: out.index(tok.eot_id)]
+            assert r["choices"][0]["text"] == tok.decode(out)
+    finally:
+        stop_server(proc)
