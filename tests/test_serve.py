@@ -459,5 +459,14 @@ def test_int8_weights_serve_what_generate_gives(run_dir, loaded):
             if tok.eot_id in out:
                 out = out[: out.index(tok.eot_id)]
             assert r["choices"][0]["text"] == tok.decode(out)
+        # the logprob it reports is the int8 step's, not the float32 model's
+        status, r = post(url + "/v1/completions", {"prompt": "the cat", "max_tokens": 1, "logprobs": 1, "temperature": 0})
+        first = r["choices"][0]["logprobs"]["token_logprobs"][0]
+        ids = torch.tensor([tok.encode("the cat")])
+        st = dec.new_state(1)
+        int8_lp = torch.log_softmax(dec.step(ids, st)[0][0, 0], -1).max().item()
+        with torch.no_grad():
+            fp32_lp = torch.log_softmax(model(ids)[0, -1].float(), -1).max().item()
+        assert abs(first - int8_lp) < 1e-5 and abs(first - fp32_lp) > 1e-4, (first, int8_lp, fp32_lp)
     finally:
         stop_server(proc)
