@@ -479,6 +479,12 @@ def bench_decode(model: torch.nn.Module, dcfg: DataConfig, tokenizer, quick: boo
     from .checkpoint import save_config, save_weights
 
     model = copy.deepcopy(model).float().cpu().eval()
+    V = tokenizer.vocab_size
+    if V < model.cfg.vocab_size:  # the numeric corpus's BPE has fewer ids than T4's 4096: a run (and its GGUF)
+        # holds as many as its tokenizer, so the model keeps its first V rows (the only ids it was trained on)
+        small = build_model(dataclasses.replace(model.cfg, vocab_size=V)).eval()
+        small.load_state_dict({k: v[:V] if k in ("wte.weight", "head.weight") else v for k, v in model.state_dict().items()})
+        model = small
     n_new = 64 if quick else 200
     with tempfile.TemporaryDirectory(prefix="pico-bench-run-") as run:
         save_config(run, model.cfg, dcfg, TrainConfig())
