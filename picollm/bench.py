@@ -442,7 +442,7 @@ def generation_vs_llama_cpp(run_dir: str, n_new: int = 200, prompt_len: int = 16
     out = {"llama_cpp": llama_cpp.__version__, "model": f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab "
            f"{cfg.vocab_size}", "params": num_params(model), "n_new": n_new, "prompt_len": prompt_len,
            "top_p": top_p, "threads": threads, "rounds": rounds, "tokens_per_s": rate,
-           "greedy_32_identical": greedy["pico"] == greedy["llama_cpp"]}
+           "greedy_32_identical": greedy["pico"] == greedy["llama_cpp"] if greedy else None}
     out["ratios"] = {f"{ours} vs {theirs}": rate[f"pico_{ours}"] / rate[f"llama_{theirs}"] for ours, theirs in pairs}
     return out
 

@@ -245,14 +245,20 @@ def test_concurrent_requests_interleave_without_changing_draws(server, loaded):
     assert get(server + "/health")[1]["batch_max"] == 2  # the two slots' requests stepped together
 
 
-def test_disconnect_frees_the_slot(run_dir):
-    # 200,000 tokens: minutes of decoding even batched (2,000 took well under a second), so the request is
-    # still running when the client goes away
+def test_disconnect_frees_the_slot(run_dir, loaded):
+    # 200,000 greedy tokens: minutes of decoding even batched (2,000 took well under a second), so the
+    # request is still running when the client goes away; greedy, so it cannot end early by drawing
+    # end-of-text by chance (checked: its first 3,000 tokens have none)
+    model, tok = loaded
+    ids = tok.encode("the cat")
+    first = generate(model, torch.tensor([ids]), SampleConfig(max_new_tokens=3000, greedy=True))[0, len(ids):]
+    assert tok.eot_id not in first.tolist()
     proc, url = start_server(run_dir, "--max_active", "1", "--max_tokens_limit", "200000")
     try:
         host, port = url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        conn.request("POST", "/v1/completions", json.dumps({"prompt": "the cat", "max_tokens": 200000, "stream": True}),
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "the cat", "max_tokens": 200000, "stream": True,
+                                                            "temperature": 0}),
                      {"Content-Type": "application/json"})
         resp = conn.getresponse()
         assert resp.status == 200

@@ -112,6 +112,8 @@ def _load() -> ctypes.CDLL:
     lib.pico_sample_rows.restype = None
     lib.pico_sample_rows.argtypes = [vp, i32, i32, vp, vp, vp, vp]
     lib.pico_release_threads.restype = None
+    lib.pico_pack_bf16.restype = None
+    lib.pico_pack_bf16.argtypes = [vp, i32, i32, vp]
     lib.pico_scratch_floats.restype = ctypes.c_int64
     lib.pico_scratch_floats.argtypes = [ctypes.POINTER(_Cfg), ctypes.c_int]
     return lib
@@ -234,8 +236,9 @@ class FusedState:
 class FusedDecoder:
     """Stepwise decoding of a Transformer through fused_decode.c (see the module docstring).
 
-    weights: what the matmuls read: "model" (the model's own float32 or bfloat16 tensors, in place), or a
-    copy in "fp32", "bf16" or "int8" (Q8_0-like: a float32 scale per 32 inputs of a row)."""
+    weights: what the matmuls read: "model" (the model's own dtype: float32 read in place, bfloat16 packed
+    into the C code's tiles), or a copy in "fp32", "bf16" or "int8" (Q8_0-like: a float32 scale per 32
+    inputs of a row)."""
 
     def __init__(self, model, weights: str = "model"):
         reason = fused_unavailable(model, weights)
@@ -260,13 +263,16 @@ class FusedDecoder:
         self._keep: list[torch.Tensor] = []  # every tensor a pointer refers to
         scales: list[Optional[int]] = []  # int8: each matmul weight's scales, at the same index as the weight
 
-        def mat(t):  # a matmul weight: read in place in its own dtype, else a copy in mat_dtype
+        def mat(t, lookup=False):  # a matmul weight in mat_dtype (float32: read in place where it is already)
             if mat_dtype == torch.int8:
                 q, sc = quantize_int8(t)
                 scales.append(self._ptr(sc))
                 return self._ptr(q)
             scales.append(None)
-            return self._ptr(t.detach().to(mat_dtype).contiguous())
+            w = t.detach().to(mat_dtype).contiguous()
+            if mat_dtype != torch.bfloat16 or lookup:  # the embedding is read by rows, not as a matmul
+                return self._ptr(w)
+            return self._ptr(self._pack_bf16(w))
 
         def small(t):  # norm weights, biases, position tables: float32 copies
             scales.append(None)
@@ -276,7 +282,7 @@ class FusedDecoder:
             return (small(m.weight), small(getattr(m, "bias", None))) if hasattr(m, "weight") else (small(None), small(None))
 
         pos = model.wpe.weight if model.wpe is not None else getattr(model, "pos_table", None)
-        ptrs = [mat(model.wte.weight), small(pos), small(getattr(model, "rope_cos", None)),
+        ptrs = [mat(model.wte.weight, lookup=True), small(pos), small(getattr(model, "rope_cos", None)),
                 small(getattr(model, "rope_sin", None)), *norm(model.ln_f), mat(model.head.weight)]
         for blk in model.blocks:
             a, m = blk.attn, blk.mlp
@@ -289,6 +295,13 @@ class FusedDecoder:
         self.scales = (ctypes.c_void_p * len(ptrs))(*scales)
         self._spare: dict[int, FusedState] = {}  # a state per slot count, lent out and given back (borrow_state)
         self._lock = threading.Lock()
+
+    def _pack_bf16(self, w: torch.Tensor) -> torch.Tensor:
+        """w (n_out, n_in) bf16 in fused_decode.c's tiles (pico_pack_bf16: 32 rows' input pairs side by side)."""
+        n_out, n_in = w.shape
+        packed = torch.empty(-(-n_out // 32) * 32 * ((n_in + 1) // 2) * 2, dtype=torch.bfloat16)
+        self.lib.pico_pack_bf16(w.data_ptr(), n_out, n_in, packed.data_ptr())
+        return packed
 
     def _ptr(self, t: torch.Tensor) -> int:
         self._keep.append(t)

@@ -60,6 +60,7 @@ typedef struct {
 } PicoSampling;
 
 /* Weight pointers, in this order (NULL where the model has none):
+   (bf16: every matmul weight packed by pico_pack_bf16, the head too; wte row-major for the lookup)
    global  0 wte (V, C)  1 position table (block, C)  2 rope cos (block, hs/2)  3 rope sin
            4 final norm weight  5 final norm bias  6 head (V, C)
    layer l, at 7 + 15 l:  0 ln_1.w  1 ln_1.b  2 qkv.w ((nh + 2 nkv) hs, C)  3 qkv.b  4 proj.w (C, C)  5 proj.b
@@ -227,59 +228,80 @@ static void round_bf16(uint16_t *xb, const float *x, size_t n) {
     for (; i < n; i++) xb[i] = f32_to_bf16(x[i]);
 }
 
-/* dot_tile for bf16 weights and bf16 inputs xb: bf16 products are exact in float32, accumulated by
-   _mm512_dpbf16_ps (a pair of products per lane per instruction) in two accumulators over alternate
-   32-input blocks, then the tail in order; the same order at any RJ and NB, as dot_tile. */
-static inline __attribute__((always_inline)) void dot_tile_bf16(float *out, size_t ostride, Mat m, int j0,
-                                                                const uint16_t *xb, int n_in, const int RJ,
-                                                                const int NB) {
-    float s[4][4];
-    int i = 0;
-    const uint16_t *wr[4];
-    for (int r = 0; r < RJ; r++) wr[r] = (const uint16_t *)m.w + (size_t)(j0 + r) * n_in;
-#ifdef __AVX512BF16__
-    __m512 a0[4][4], a1[4][4];
-    for (int r = 0; r < RJ; r++)
-        for (int b = 0; b < NB; b++) a0[r][b] = a1[r][b] = _mm512_setzero_ps();
-    for (; i + 64 <= n_in; i += 64) {
-        __m512bh xl[4], xh[4];
-        for (int b = 0; b < NB; b++) {
-            xl[b] = (__m512bh)_mm512_loadu_si512(xb + (size_t)b * n_in + i);
-            xh[b] = (__m512bh)_mm512_loadu_si512(xb + (size_t)b * n_in + i + 32);
-        }
-        for (int r = 0; r < RJ; r++) {
-            const __m512bh wl = (__m512bh)_mm512_loadu_si512(wr[r] + i), wh = (__m512bh)_mm512_loadu_si512(wr[r] + i + 32);
-            for (int b = 0; b < NB; b++) {
-                a0[r][b] = _mm512_dpbf16_ps(a0[r][b], wl, xl[b]);
-                a1[r][b] = _mm512_dpbf16_ps(a1[r][b], wh, xh[b]);
-            }
-        }
-    }
-    if (i + 32 <= n_in) {
-        for (int r = 0; r < RJ; r++) {
-            const __m512bh wl = (__m512bh)_mm512_loadu_si512(wr[r] + i);
-            for (int b = 0; b < NB; b++)
-                a0[r][b] = _mm512_dpbf16_ps(a0[r][b], wl, (__m512bh)_mm512_loadu_si512(xb + (size_t)b * n_in + i));
-        }
-        i += 32;
-    }
-    reduce_tile(a0, a1, s, RJ, NB);
-#else
-    for (int r = 0; r < RJ; r++)
-        for (int b = 0; b < NB; b++) s[r][b] = 0.0f;
-#endif
-    for (; i < n_in; i++)
-        for (int r = 0; r < RJ; r++)
-            for (int b = 0; b < NB; b++) s[r][b] += bf16_to_f32(wr[r][i]) * bf16_to_f32(xb[(size_t)b * n_in + i]);
-    for (int r = 0; r < RJ; r++)
-        for (int b = 0; b < NB; b++) out[(size_t)b * ostride + j0 + r] = s[r][b];
+/* bf16 weights are packed (pico_pack_bf16) in tiles of PT = 32 rows: for each pair of inputs k2, the 32
+   rows' two weights side by side, so one 64-byte load holds 16 rows' pairs and one _mm512_dpbf16_ps adds
+   w[j][2k2] x[2k2] + w[j][2k2+1] x[2k2+1] into the lane of row j: the lanes are the outputs (no reduction
+   at the end), and an input pair, broadcast, serves every row of the tile. Each output sums its pairs in
+   order, whatever the batch. A tile's data is contiguous: at batch 1 it streams from memory in order. */
+enum { PT = 32 };
+
+/* P[((t * K2 + k2) * PT + r) * 2 + e] = W[t * PT + r][2 k2 + e], zero past the matrix; K2 = ceil(n_in / 2). */
+void pico_pack_bf16(const uint16_t *W, int n_out, int n_in, uint16_t *P) {
+    const int K2 = (n_in + 1) / 2, tiles = (n_out + PT - 1) / PT;
+    for (int t = 0; t < tiles; t++)
+        for (int k2 = 0; k2 < K2; k2++)
+            for (int r = 0; r < PT; r++)
+                for (int e = 0; e < 2; e++) {
+                    const int j = t * PT + r, i = 2 * k2 + e;
+                    P[(((size_t)t * K2 + k2) * PT + r) * 2 + e] = j < n_out && i < n_in ? W[(size_t)j * n_in + i] : 0;
+                }
 }
 
-static inline __attribute__((always_inline)) void rows_tile_bf16(float *out, int n_out, Mat m, int j0, const uint16_t *xb,
-                                                                 int B, int n_in, const int RJ) {
+/* out[b * ostride + j] for the (up to) 32 rows j of tile t and NB rows of bf16 inputs xb (rows n_in apart;
+   an odd n_in's last pair reads one element past its row, times a zero weight). */
+static inline __attribute__((always_inline)) void packed_tile(float *out, size_t ostride, const uint16_t *P, int t,
+                                                              int n_out, int n_in, const uint16_t *xb, const int NB) {
+    const int K2 = (n_in + 1) / 2, j0 = t * PT, nj = n_out - j0 < PT ? n_out - j0 : PT;
+    const uint16_t *tile = P + (size_t)t * K2 * PT * 2;
+#ifdef __AVX512BF16__
+    __m512 acc[8][2];
+    for (int b = 0; b < NB; b++) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
+    for (int k2 = 0; k2 < K2; k2++) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(tile + (size_t)k2 * PT * 2);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(tile + (size_t)k2 * PT * 2 + 32);
+        for (int b = 0; b < NB; b++) {
+            uint32_t pair;
+            memcpy(&pair, xb + (size_t)b * n_in + 2 * k2, sizeof pair);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
+            acc[b][0] = _mm512_dpbf16_ps(acc[b][0], w0, xv);
+            acc[b][1] = _mm512_dpbf16_ps(acc[b][1], w1, xv);
+        }
+    }
+    const __mmask16 m0 = nj >= 16 ? 0xffff : (__mmask16)((1u << nj) - 1);
+    const __mmask16 m1 = nj >= 32 ? 0xffff : nj <= 16 ? 0 : (__mmask16)((1u << (nj - 16)) - 1);
+    for (int b = 0; b < NB; b++) {
+        _mm512_mask_storeu_ps(out + (size_t)b * ostride + j0, m0, acc[b][0]);
+        _mm512_mask_storeu_ps(out + (size_t)b * ostride + j0 + 16, m1, acc[b][1]);
+    }
+#else
+    for (int b = 0; b < NB; b++)
+        for (int r = 0; r < nj; r++) {
+            float sum = 0.0f;
+            for (int k2 = 0; k2 < K2; k2++) {
+                const uint16_t *w = tile + ((size_t)k2 * PT + r) * 2, *x = xb + (size_t)b * n_in + 2 * k2;
+                sum += bf16_to_f32(w[0]) * bf16_to_f32(x[0]) + (2 * k2 + 1 < n_in ? bf16_to_f32(w[1]) * bf16_to_f32(x[1]) : 0.0f);
+            }
+            out[(size_t)b * ostride + j0 + r] = sum;
+        }
+#endif
+}
+
+/* Tile t of a packed bf16 matrix for all B rows of x, 8 at a time. */
+static void packed_rows(float *out, int n_out, const uint16_t *P, int t, int n_in, const uint16_t *xb, int B) {
     int b = 0;
-    for (; b + 2 <= B; b += 2) dot_tile_bf16(out + (size_t)b * n_out, n_out, m, j0, xb + (size_t)b * n_in, n_in, RJ, 2);
-    if (b < B) dot_tile_bf16(out + (size_t)b * n_out, n_out, m, j0, xb + (size_t)b * n_in, n_in, RJ, 1);
+    for (; b + 8 <= B; b += 8) packed_tile(out + (size_t)b * n_out, n_out, P, t, n_out, n_in, xb + (size_t)b * n_in, 8);
+    float *o = out + (size_t)b * n_out;
+    const uint16_t *x = xb + (size_t)b * n_in;
+    switch (B - b) {
+        case 7: packed_tile(o, n_out, P, t, n_out, n_in, x, 7); break;
+        case 6: packed_tile(o, n_out, P, t, n_out, n_in, x, 6); break;
+        case 5: packed_tile(o, n_out, P, t, n_out, n_in, x, 5); break;
+        case 4: packed_tile(o, n_out, P, t, n_out, n_in, x, 4); break;
+        case 3: packed_tile(o, n_out, P, t, n_out, n_in, x, 3); break;
+        case 2: packed_tile(o, n_out, P, t, n_out, n_in, x, 2); break;
+        case 1: packed_tile(o, n_out, P, t, n_out, n_in, x, 1); break;
+        default: break;
+    }
 }
 
 /* Tiles of W's rows: at batch 1 one row each (one sequential stream per thread: a large model reads its
@@ -297,28 +319,30 @@ static inline __attribute__((always_inline)) void tile_of(float *out, int n_out,
                                                           int n_in, const int type) {
     int j0, nj;
     tile_rows(B, n_out, t, &j0, &nj);
-    if (type == WT_BF16) {  /* x was rounded into m.xb */
-        if (nj == 4) rows_tile_bf16(out, n_out, m, j0, m.xb, B, n_in, 4);
-        else rows_tile_bf16(out, n_out, m, j0, m.xb, B, n_in, 1);
-    } else {
-        if (nj == 4) rows_tile(out, n_out, m, j0, x, B, n_in, 4, type);
-        else rows_tile(out, n_out, m, j0, x, B, n_in, 1, type);
-    }
+    if (nj == 4) rows_tile(out, n_out, m, j0, x, B, n_in, 4, type);
+    else rows_tile(out, n_out, m, j0, x, B, n_in, 1, type);
 }
 
 /* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out; W is (n_out, n_in), row-major. At batch 1
    a row of W at a time, else 4 (tiles_of). Called by every thread of pico_forward's parallel region:
    the tiles are split among them (omp for, a barrier at the end). */
 static void matvec(float *out, Mat m, const float *bias, const float *x, int B, int n_out, int n_in) {
-    const int n_tiles = tiles_of(B, n_out);
-    if (m.type == WT_BF16) {
+    if (m.type == WT_BF16) {  /* packed: bf16 inputs, tiles of PT rows */
 #pragma omp single
-        round_bf16(m.xb, x, (size_t)B * n_in);  /* bf16 weights take bf16 inputs */
+        round_bf16(m.xb, x, (size_t)B * n_in);
+#pragma omp for schedule(static)
+        for (int t = 0; t < (n_out + PT - 1) / PT; t++) {
+            packed_rows(out, n_out, (const uint16_t *)m.w, t, n_in, m.xb, B);
+            if (bias)
+                for (int b = 0; b < B; b++)
+                    for (int j = t * PT; j < n_out && j < (t + 1) * PT; j++) out[(size_t)b * n_out + j] += bias[j];
+        }
+        return;
     }
+    const int n_tiles = tiles_of(B, n_out);
 #pragma omp for schedule(static)
     for (int t = 0; t < n_tiles; t++) {
         if (m.type == WT_F32) tile_of(out, n_out, m, t, x, B, n_in, WT_F32);
-        else if (m.type == WT_BF16) tile_of(out, n_out, m, t, x, B, n_in, WT_BF16);
         else tile_of(out, n_out, m, t, x, B, n_in, WT_INT8);
         if (bias) {
             int j0, nj;
@@ -378,7 +402,7 @@ static float dot_f32(const float *a, const float *b, int n) {
 /* Scratch floats for B rows ((row, position) pairs of a step): see the carve-up at the top of pico_forward. */
 int64_t pico_scratch_floats(const PicoCfg *c, int B) {
     int64_t C = c->n_embd, H = c->hidden, QKV = (int64_t)(c->n_head + 2 * c->n_kv_head) * c->head_size;
-    return (int64_t)B * (6 * C + QKV + 3 * H + c->vocab + (C > H ? C : H));
+    return (int64_t)B * (6 * C + QKV + 3 * H + c->vocab + (C > H ? C : H)) + 16;
 }
 
 /* PICO_OK when every weight the configuration reads is there, else PICO_MISSING_WEIGHT. */

@@ -193,19 +193,21 @@ class Job:
             if rows:
                 u[rows] = torch.rand(len(rows), 1, generator=gen)[:, 0]
 
-    def collect(self, tokens: torch.Tensor, logits: Optional[torch.Tensor]) -> bool:
-        """This round's tokens (slots,) (and logits (slots, V)) of the job's rows; False once every choice
-        has finished (its rows are back in the pool then)."""
+    def collect(self, tokens: list[int], logits: Optional[torch.Tensor]) -> bool:
+        """This round's tokens (a list, by slot) (and logits (slots, V)) of the job's rows; False once every
+        choice has finished (its rows are back in the pool then)."""
         events: list[TokenEvent] = []
         for p, rows in enumerate(self.slots):
             if not rows:
                 continue
-            events += self._deliver(p, tokens[rows].tolist(), None if logits is None else logits[rows])
+            events += self._deliver(p, [tokens[r] for r in rows], None if logits is None else logits[rows])
             if self._finished(p):
                 self.pool.give_back(rows)
                 self.slots[p] = []
             else:  # a choice that a stop string ended: its row stops too
-                self.pool.rows.free([r for r, c in zip(rows, self._choices(p)) if c.finish])
+                ended = [r for r, c in zip(rows, self._choices(p)) if c.finish]
+                if ended:
+                    self.pool.rows.free(ended)
         if events:
             self.emit("tokens", events)
         return any(self.slots)
@@ -290,8 +292,9 @@ class RowPool:
         sampled = any(not (j.cfg.greedy or j.cfg.temperature == 0) for j in self.jobs)
         keep = any(j.logprobs is not None for j in self.jobs)
         tokens, logits = self.rows.run(1, u if sampled else None, keep)
+        ids = tokens[0].tolist()
         for job in list(self.jobs):
-            if not job.collect(tokens[0], None if logits is None else logits[0]):
+            if not job.collect(ids, None if logits is None else logits[0]):
                 self.jobs.remove(job)
 
 
