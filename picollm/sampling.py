@@ -135,7 +135,9 @@ def decode_steps(model, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[i
                  decoder="auto", chunk: int = 1, logits: bool = True) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """The decode loop, one new position at a time: yields (tokens (B,), logits (B, V)) for each, the
     logits those tokens were drawn from (before temperature, top-k or top-p; None when logits=False).
-    generate() and the server (picollm/serve) both consume it, so a seed gives the same tokens through either.
+    generate() consumes it, and so does the server for a model without the fused step; the server's batched
+    path (serve/engine.py's RowPool) runs the same C loop with the same random numbers, so a seed gives
+    the same tokens through either.
 
     The model carries state (KV cache, LSTM (h, c), k-gram history), so the prefix is fed once. When a
     model has a bounded context (max_context) and the state is full, the window slides: the state is

@@ -1,13 +1,17 @@
-"""The Transformer's decode step on a CPU as one C call (fused_decode.c), for sampling.
+"""The Transformer's decode loop on a CPU in C (fused_decode.c): the step, the sampler and the loop.
 
-At batch 1 a PyTorch decode step is ~80 small ops dispatched from Python, and on a CPU that dispatch
-costs more than the arithmetic. FusedDecoder runs the same math in one C function (llama2.c's approach)
-on the model's own weights, and offers the models' stepping interface, so generate() drives it like any
-model:
+At batch 1 a PyTorch decode step is ~80 small ops dispatched from Python, and top-p sampling ~15 more; on a
+CPU that dispatch costs more than the arithmetic. FusedDecoder runs the same math in one C function
+(llama2.c's approach) on the model's weights (float32 in place, bf16 packed into the C code's tiles, or
+int8 copies), and offers the models' stepping interface, so generate() can drive it like any model:
 
-    dec = FusedDecoder(model)                 # a Transformer on the CPU, float32 or bfloat16 weights
+    dec = FusedDecoder(model)                 # a Transformer on the CPU; FusedDecoder(model, "int8")
     state = dec.new_state(batch_size)
     logits, state = dec.step(idx, state)      # logits (B, 1, V) of the last fed position only
+
+FusedRows runs the whole loop in C instead (pico_generate): rows in KV-cache slots, each at its own
+position with its own sampling settings, stop id and budget; each call samples and feeds up to n positions
+of every live row. generate() and the server's engine (picollm/serve/engine.py) decode through it.
 
 The C source is compiled with the system C compiler (`$CC`, else `cc`; -O3 -march=native -fopenmp, fewer
 flags where those fail) at first use, into $PICOLLM_CACHE_DIR/kernels (keyed by source, compiler, flags
