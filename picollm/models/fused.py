@@ -255,7 +255,6 @@ class FusedDecoder:
         mlp = model.blocks[0].mlp
         mat_dtype = {"model": model.blocks[0].attn.qkv.weight.dtype, "fp32": torch.float32, "bf16": torch.bfloat16,
                      "int8": torch.int8}[weights]
-        self.weights_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}[mat_dtype]
         self.ccfg = _Cfg(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, head_size=c.head_size,
                          hidden=mlp.proj.weight.size(1), vocab=c.vocab_size, block_size=c.block_size,
                          layernorm=int(c.norm == "layernorm"), pre_norm=int(c.norm_placement == "pre"),

@@ -106,12 +106,10 @@ static inline const float *row_scales(Mat m, int j, int n_in) {
 }
 
 #ifdef __AVX512F__
-/* 16 consecutive weights of a row, from element off (i within the row, a multiple of 16), as float32. */
+/* 16 consecutive weights of a row, from element off (i within the row, a multiple of 16), as float32:
+   float32 or int8 (bf16 matmul weights are packed, see packed_tile). */
 static inline __attribute__((always_inline)) __m512 load16(Mat m, const int type, size_t off, const float *rs, int i) {
     if (type == WT_F32) return _mm512_loadu_ps((const float *)m.w + off);
-    if (type == WT_BF16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)m.w + off))), 16));
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)m.w + off)))),
                          _mm512_set1_ps(rs[i / QGROUP]));
 }
@@ -764,12 +762,6 @@ static int64_t argmax(const float *x, int V) {
     return 0;
 }
 
-static inline int exponent_of(float p) {
-    uint32_t u;
-    memcpy(&u, &p, sizeof u);
-    return (int)((u >> 23) & 255);
-}
-
 /* Probabilities in (0, 1] fall in NKEY buckets by their top 12 bits (the exponent and 3 bits of mantissa):
    a bucket holds values within 12.5% of each other, and every value of a higher bucket is larger. */
 enum { NKEY = 1024 };
@@ -936,6 +928,11 @@ int pico_generate(const PicoCfg *c, const void *const *w, const float *const *ws
     int64_t *feed = malloc(sizeof(int64_t) * (size_t)B);
     int32_t *fslot = malloc(sizeof(int32_t) * (size_t)B), *fpos = malloc(sizeof(int32_t) * (size_t)B);
     int32_t *frow = malloc(sizeof(int32_t) * (size_t)B);
+    int threads = 1;  /* the other threads' sampling work areas, made once a call ("work" is the first's) */
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    float *more = B > 1 && threads > 1 ? malloc(sizeof(float) * 5 * (size_t)V * (threads - 1)) : NULL;
     int produced = 0, rc = PICO_OK;
     for (int s = 0; s < n && rc == PICO_OK; s++) {
         int64_t *row_out = out + (size_t)s * B;
@@ -944,13 +941,12 @@ int pico_generate(const PicoCfg *c, const void *const *w, const float *const *ws
         {
             float *mine = work;
 #ifdef _OPENMP
-            if (omp_get_thread_num() > 0) mine = malloc(sizeof(float) * 5 * (size_t)V);
+            if (omp_get_thread_num() > 0) mine = more + (size_t)(omp_get_thread_num() - 1) * 5 * V;
 #endif
 #pragma omp for schedule(dynamic)
             for (int b = 0; b < B; b++)
                 row_out[b] = done[b] ? stop[b] : pico_sample(logits + (size_t)slot[b] * V, V, smp + b,
                                                              u ? u[(size_t)s * B + b] : 0.0f, mine);
-            if (mine != work) free(mine);
         }
         int live = 0;
         for (int b = 0; b < B; b++) {
@@ -988,6 +984,7 @@ int pico_generate(const PicoCfg *c, const void *const *w, const float *const *ws
     free(fslot);
     free(fpos);
     free(frow);
+    free(more);
     return rc == PICO_OK ? produced : -rc;
 }
 

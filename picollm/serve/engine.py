@@ -128,7 +128,6 @@ class Job:
         self.pool: Optional[RowPool] = None  # pooled: the RowPool its rows are in,
         self.slots: list[list[int]] = []  # the rows of each prompt there ([] once it is done),
         self.gens: list = []  # and each prompt's generator
-        self.started = False
         self.cancelled = threading.Event()
 
     def cancel(self) -> None:
