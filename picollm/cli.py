@@ -293,8 +293,8 @@ def eval_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: the precision the run trained in (its --precision, resolved for this machine)")
     e.add_argument("--weights", choices=["model", "int8"], default="model",
-                   help="int8: score the Transformer with its matmul weights rounded as `generate --weights int8` "
-                        "reads them (the test-loss cost of int8)")
+                   help="int8: score the Transformer as `generate --weights int8` computes it, its matmul weights and "
+                        "their inputs rounded to int8 (the test-loss cost of int8)")
     add_device_arg(e)
 
 

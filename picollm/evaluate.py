@@ -22,8 +22,9 @@ def evaluate_run(run_dir: str, input_files: Optional[list[str]] = None, batch_si
     """Test loss, perplexity, bits per byte (and continuation accuracy on numeric data) of a run, scored as
     its training scored them: on the kind of rows it trained on (its DataConfig.batching) and in the
     precision it trained in (its TrainConfig.precision resolved for `device`; `precision` overrides:
-    auto | fp32 | bf16 | fp16). weights="int8": the Transformer's matmul weights rounded to int8 as
-    `generate --weights int8` reads them (models/fused.py's int8_rounded), so its loss change shows."""
+    auto | fp32 | bf16 | fp16). weights="int8": the Transformer as `generate --weights int8` computes
+    it, its matmul weights and their inputs rounded to int8 (models/fused.py's int8_rounded), so its loss
+    change shows."""
     model, tok, (mcfg, dcfg, tcfg) = load_run(run_dir, device)
     if weights == "int8":
         if not isinstance(model, Transformer):

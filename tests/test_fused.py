@@ -279,27 +279,45 @@ def _at_a_boundary(logits, scfg, u: float, a: int, b: int) -> bool:
     return abs(u * mass - edge) < 1e-6
 
 
-def test_int8_weights_compute_the_float_math_on_the_rounded_weights():
-    """--weights int8: the C step equals PyTorch on the int8 round trip of the same weights (so the kernel
-    reads each group's scale right, the partial last group of a 48-wide MLP included), and it really is
-    int8: the float32 logits differ by more than that."""
+def test_int8_weights_compute_the_float_math_on_the_rounded_weights_and_inputs():
+    """--weights int8: the C step equals PyTorch on the int8 round trip of the same weights with every
+    matmul's input quantized the same way (int8_rounded: so the kernel reads each group's scale right, and
+    the partial last groups of a 48-wide model), and it really is int8: the float32 logits differ by far
+    more than that."""
     from picollm.models.fused import int8_rounded, quantize_int8
 
     cfg = ModelConfig(vocab_size=97, block_size=32, n_embd=64, n_layer=2, n_head=4, mlp="gelu", bias=True)
     m = perturbed(cfg)
-    m.blocks[0].mlp.fc.weight.data[:8] *= 50  # an outlier row: its own scales keep the other rows exact
     assert m.blocks[0].mlp.proj.weight.size(1) % 32 == 0
     idx = torch.randint(97, (2, 32))
     got = stepped_logits(FusedDecoder(m, "int8"), idx, prefill=6)
-    torch.testing.assert_close(got, int8_rounded(m)(idx)[:, 5:], atol=3e-5, rtol=1e-4)
-    assert (got - m(idx)[:, 5:]).abs().max() > 1e-3
+    torch.testing.assert_close(got, int8_rounded(m)(idx)[:, 5:], atol=1e-5, rtol=1e-5)
+    assert (got - m(idx)[:, 5:]).abs().max() > 1e-2
     q, scale = quantize_int8(torch.randn(5, 48))  # 48 inputs: a group of 32, a partial one of 16
     assert q.dtype == torch.int8 and scale.shape == (5, 2) and int(q.abs().max()) == 127
     swiglu = ModelConfig(vocab_size=61, block_size=16, n_embd=48, n_layer=1, n_head=2)  # n_embd 48: partial groups
     s = perturbed(swiglu)
     idx = torch.randint(61, (1, 16))
     torch.testing.assert_close(stepped_logits(FusedDecoder(s, "int8"), idx, 4), int8_rounded(s)(idx)[:, 3:],
-                               atol=3e-5, rtol=1e-4)
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_int8_scales_are_per_row_group_and_per_input_group():
+    """Outlier weight rows (x50) and the outlier activations they make: each row's and each input group's own
+    scale keeps the rest exact. An input that lands within float rounding of a quantization step's midpoint
+    may round the other way in C than in PyTorch (their float sums differ in the last bit): that moves its
+    position's logits by about one step, so a few positions may differ by that much, the rest match."""
+    from picollm.models.fused import int8_rounded
+
+    cfg = ModelConfig(vocab_size=97, block_size=32, n_embd=64, n_layer=2, n_head=4, mlp="gelu", bias=True)
+    m = perturbed(cfg)
+    m.blocks[0].mlp.fc.weight.data[:8] *= 50
+    idx = torch.randint(97, (2, 32))
+    got = stepped_logits(FusedDecoder(m, "int8"), idx, prefill=6)
+    err = (got - int8_rounded(m)(idx)[:, 5:]).abs().amax(-1)  # per position
+    assert float((err < 1e-5).float().mean()) >= 0.8, err
+    assert float(err.max()) < 1e-2, err
+    assert (got - m(idx)[:, 5:]).abs().max() > 2e-2
 
 
 def test_int8_logits_stay_within_one_and_a_half_percent_of_the_bf16_steps():

@@ -118,6 +118,8 @@ def _load() -> ctypes.CDLL:
     lib.pico_release_threads.restype = None
     lib.pico_pack_bf16.restype = None
     lib.pico_pack_bf16.argtypes = [vp, i32, i32, vp]
+    lib.pico_pack_int8.restype = None
+    lib.pico_pack_int8.argtypes = [vp, vp, i32, i32, vp, vp]
     lib.pico_scratch_floats.restype = ctypes.c_int64
     lib.pico_scratch_floats.argtypes = [ctypes.POINTER(_Cfg), ctypes.c_int]
     return lib
@@ -202,13 +204,28 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return g.reshape(rows, -1)[:, :cols]
 
 
+def quantize_acts_int8(x: torch.Tensor) -> torch.Tensor:
+    """x (..., n) -> its int8 round trip by groups of QGROUP along the last dimension, as the fused step
+    quantizes a matmul's input with int8 weights (fused_decode.c's quantize_rows, llama.cpp's Q8_0 dot
+    product): d = max|x| / 127 per group, q = round(x * (1 / d)), half to even."""
+    n = x.shape[-1]
+    g = torch.nn.functional.pad(x.float(), (0, -n % QGROUP)).reshape(*x.shape[:-1], -1, QGROUP)
+    d = g.abs().amax(dim=-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(g * inv) * d).reshape(*x.shape[:-1], -1)[..., :n]
+
+
 def int8_rounded(model: torch.nn.Module) -> torch.nn.Module:
-    """A float32 copy of a Transformer whose matmul weights (those the fused step reads as int8) hold their
-    int8 round trip: PyTorch's view of what --weights int8 computes, for measuring its test loss."""
+    """A float32 copy of a Transformer as --weights int8 computes it: its matmul weights hold their int8
+    round trip and every matmul's input is quantized as the fused step quantizes it (quantize_acts_int8,
+    by forward pre-hooks). PyTorch's view of the int8 step, for measuring its test loss."""
     out = copy.deepcopy(model).float()
     with torch.no_grad():
         for m in _matmul_weights(out):
             m.copy_(dequantize_int8(*quantize_int8(m)))
+    linears = [out.head] + [m for blk in out.blocks for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc, blk.mlp.proj)]
+    for lin in linears:
+        lin.register_forward_pre_hook(lambda _mod, args: (quantize_acts_int8(args[0]), *args[1:]))
     return out
 
 
@@ -242,7 +259,7 @@ class FusedDecoder:
 
     weights: what the matmuls read: "model" (the model's own dtype: float32 read in place, bfloat16 packed
     into the C code's tiles), or a copy in "fp32", "bf16" or "int8" (Q8_0-like: a float32 scale per 32
-    inputs of a row)."""
+    inputs of a row; each matmul's input quantized by groups of 32 too, for int8 dot products)."""
 
     def __init__(self, model, weights: str = "model"):
         reason = fused_unavailable(model, weights)
@@ -266,14 +283,17 @@ class FusedDecoder:
         self._keep: list[torch.Tensor] = []  # every tensor a pointer refers to
         scales: list[Optional[int]] = []  # int8: each matmul weight's scales, at the same index as the weight
 
-        def mat(t, lookup=False):  # a matmul weight in mat_dtype (float32: read in place where it is already)
+        def mat(t, lookup=False):  # a matmul weight in mat_dtype (float32: read in place where it is already);
+            # the embedding is read by rows (lookup), not as a matmul: row-major, not packed
             if mat_dtype == torch.int8:
                 q, sc = quantize_int8(t)
+                if not lookup:
+                    q, sc = self._pack_int8(q, sc)
                 scales.append(self._ptr(sc))
                 return self._ptr(q)
             scales.append(None)
             w = t.detach().to(mat_dtype).contiguous()
-            if mat_dtype != torch.bfloat16 or lookup:  # the embedding is read by rows, not as a matmul
+            if mat_dtype != torch.bfloat16 or lookup:
                 return self._ptr(w)
             return self._ptr(self._pack_bf16(w))
 
@@ -305,6 +325,16 @@ class FusedDecoder:
         packed = torch.empty(-(-n_out // 32) * 32 * ((n_in + 1) // 2) * 2, dtype=torch.bfloat16)
         self.lib.pico_pack_bf16(w.data_ptr(), n_out, n_in, packed.data_ptr())
         return packed
+
+    def _pack_int8(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 values (n_out, n_in) and their scales in fused_decode.c's tiles (pico_pack_int8: 16 rows' groups
+        of 4 inputs side by side, stored as q + 128, each tile's scales after it)."""
+        n_out, n_in = q.shape
+        tiles, groups = -(-n_out // 16), -(-n_in // QGROUP)
+        packed = torch.empty(tiles * groups * QGROUP * 16, dtype=torch.uint8)
+        packed_scales = torch.empty(tiles * groups * 16)
+        self.lib.pico_pack_int8(q.data_ptr(), scale.data_ptr(), n_out, n_in, packed.data_ptr(), packed_scales.data_ptr())
+        return packed, packed_scales
 
     def _ptr(self, t: torch.Tensor) -> int:
         self._keep.append(t)

@@ -12,7 +12,8 @@
    Weights: the matmul weights (embedding, q/k/v, projections, MLP, head) are float32, bfloat16, or int8
    with a float32 scale per group of 32 consecutive inputs of a row (llama.cpp's Q8_0 layout, scales kept
    apart); norms, biases and position tables come as float32. Activations, the KV cache and all
-   accumulation are float32. The math follows models/transformer.py line by line: pre- or post-norm,
+   accumulation are float32; a matmul rounds its input to bf16 for bf16 weights (as PyTorch's bf16 model
+   does) and quantizes it to int8 by groups of 32 for int8 weights (as llama.cpp's Q8_0 dot product). The math follows models/transformer.py line by line: pre- or post-norm,
    RMSNorm or LayerNorm, RoPE ("rotate half" pairs i, i + hs/2), learned or sinusoidal positions, GELU
    (erf), SwiGLU or ReLU^2 MLP, optional biases; grouped-query attention (n_kv_head kv heads, each serving
    n_head / n_kv_head consecutive query heads), sliding windows (every layer, or the even ones),
@@ -60,13 +61,15 @@ typedef struct {
 } PicoSampling;
 
 /* Weight pointers, in this order (NULL where the model has none):
-   (bf16: every matmul weight packed by pico_pack_bf16, the head too; wte row-major for the lookup)
+   (bf16 or int8: every matmul weight packed by pico_pack_bf16 or pico_pack_int8, the head too; wte
+   row-major for the lookup)
    global  0 wte (V, C)  1 position table (block, C)  2 rope cos (block, hs/2)  3 rope sin
            4 final norm weight  5 final norm bias  6 head (V, C)
    layer l, at 7 + 15 l:  0 ln_1.w  1 ln_1.b  2 qkv.w ((nh + 2 nkv) hs, C)  3 qkv.b  4 proj.w (C, C)  5 proj.b
            6 ln_2.w  7 ln_2.b  8 fc.w (H or 2H, C)  9 fc.b  10 mlp proj.w (C, H)  11 mlp proj.b
            12 q_norm.w (hs)  13 k_norm.w (hs)  14 sinks (nh)
-   With int8 weights, a second array of the same length holds each matmul weight's scales (rows, cols/32). */
+   With int8 weights, a second array of the same length holds each weight's scales: wte's (rows, cols/32),
+   the packed ones as pico_pack_int8 lays them out. */
 enum { W_WTE, W_POS, W_COS, W_SIN, W_LNF, W_LNF_B, W_HEAD, N_GLOBAL };
 enum { L_LN1, L_LN1_B, L_QKV, L_QKV_B, L_PROJ, L_PROJ_B, L_LN2, L_LN2_B, L_FC, L_FC_B, L_MPROJ, L_MPROJ_B,
        L_QNORM, L_KNORM, L_SINKS, N_PER_LAYER };
@@ -83,8 +86,9 @@ enum {
 
 enum { WT_F32 = 0, WT_BF16 = 1, WT_INT8 = 2, QGROUP = 32 };
 
-/* A matmul weight, its int8 scales, and (bf16) room for the input rounded to bf16: B * n_in values. */
-typedef struct { const void *w; const float *s; int type; uint16_t *xb; } Mat;
+/* A matmul weight, its int8 scales, and room for its input as the kernel reads it (bf16: rounded, B * n_in
+   values; int8: quantized, see quantize_rows). */
+typedef struct { const void *w; const float *s; int type; void *xb; } Mat;
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -104,16 +108,6 @@ static inline float weight_at(Mat m, size_t row_off, const float *rs, int i) {
 static inline const float *row_scales(Mat m, int j, int n_in) {
     return m.type == WT_INT8 ? m.s + (size_t)j * ((n_in + QGROUP - 1) / QGROUP) : NULL;
 }
-
-#ifdef __AVX512F__
-/* 16 consecutive weights of a row, from element off (i within the row, a multiple of 16), as float32:
-   float32 or int8 (bf16 matmul weights are packed, see packed_tile). */
-static inline __attribute__((always_inline)) __m512 load16(Mat m, const int type, size_t off, const float *rs, int i) {
-    if (type == WT_F32) return _mm512_loadu_ps((const float *)m.w + off);
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)m.w + off)))),
-                         _mm512_set1_ps(rs[i / QGROUP]));
-}
-#endif
 
 #ifdef __AVX512F__
 /* The sums of 8 vectors' 16 lanes each, out[k] = sum(v[k]), by one transposing tree (~20 instructions
@@ -151,17 +145,14 @@ static inline __attribute__((always_inline)) void reduce_tile(__m512 a0[4][4], _
 }
 #endif
 
-/* out[b * ostride + j] = W[j, :] . x[b, :] for RJ rows j0.. of W and NB rows of x (n_in inputs). Each
-   (j, b) sum has two 16-lane accumulators, for the even and the odd 16-input blocks; they are added and
-   reduced, then the tail is added in order: the same order for every RJ and NB, so a row's result does
+/* out[b * ostride + j] = W[j, :] . x[b, :] for RJ rows j0.. of a float32 W and NB rows of x (n_in inputs).
+   Each (j, b) sum has two 16-lane accumulators, for the even and the odd 16-input blocks; they are added
+   and reduced, then the tail is added in order: the same order for every RJ and NB, so a row's result does
    not depend on the batch. RJ and NB are constants at each call: the 2 RJ NB accumulators stay in
-   registers and each weight is loaded (and widened) once for NB rows of x. */
-static inline __attribute__((always_inline)) void dot_tile(float *out, size_t ostride, Mat m, int j0,
-                                                           const float *x, int n_in, const int RJ, const int NB,
-                                                           const int type) {
-    const float *rs[4];
+   registers and each weight is loaded once for NB rows of x. */
+static inline __attribute__((always_inline)) void dot_tile(float *out, size_t ostride, const float *W, int j0,
+                                                           const float *x, int n_in, const int RJ, const int NB) {
     float s[4][4];
-    for (int r = 0; r < RJ; r++) rs[r] = row_scales(m, j0 + r, n_in);
     int i = 0;
 #ifdef __AVX512F__
     __m512 a0[4][4], a1[4][4];
@@ -174,8 +165,8 @@ static inline __attribute__((always_inline)) void dot_tile(float *out, size_t os
             xhi[b] = _mm512_loadu_ps(x + (size_t)b * n_in + i + 16);
         }
         for (int r = 0; r < RJ; r++) {
-            const size_t off = (size_t)(j0 + r) * n_in + i;
-            const __m512 wlo = load16(m, type, off, rs[r], i), whi = load16(m, type, off + 16, rs[r], i + 16);
+            const float *row = W + (size_t)(j0 + r) * n_in + i;
+            const __m512 wlo = _mm512_loadu_ps(row), whi = _mm512_loadu_ps(row + 16);
             for (int b = 0; b < NB; b++) {
                 a0[r][b] = _mm512_fmadd_ps(wlo, xlo[b], a0[r][b]);
                 a1[r][b] = _mm512_fmadd_ps(whi, xhi[b], a1[r][b]);
@@ -184,7 +175,7 @@ static inline __attribute__((always_inline)) void dot_tile(float *out, size_t os
     }
     if (i + 16 <= n_in) {
         for (int r = 0; r < RJ; r++) {
-            const __m512 wv = load16(m, type, (size_t)(j0 + r) * n_in + i, rs[r], i);
+            const __m512 wv = _mm512_loadu_ps(W + (size_t)(j0 + r) * n_in + i);
             for (int b = 0; b < NB; b++) a0[r][b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (size_t)b * n_in + i), a0[r][b]);
         }
         i += 16;
@@ -196,7 +187,7 @@ static inline __attribute__((always_inline)) void dot_tile(float *out, size_t os
 #endif
     for (; i < n_in; i++)
         for (int r = 0; r < RJ; r++) {
-            const float wi = weight_at(m, (size_t)(j0 + r) * n_in, rs[r], i);
+            const float wi = W[(size_t)(j0 + r) * n_in + i];
             for (int b = 0; b < NB; b++) s[r][b] += wi * x[(size_t)b * n_in + i];
         }
     for (int r = 0; r < RJ; r++)
@@ -204,11 +195,11 @@ static inline __attribute__((always_inline)) void dot_tile(float *out, size_t os
 }
 
 /* out[b, j] = W[j, :] . x[b, :] for the rows j0 .. j0 + RJ - 1 of W and every b < B, 2 rows of x at a time. */
-static inline __attribute__((always_inline)) void rows_tile(float *out, int n_out, Mat m, int j0, const float *x,
-                                                            int B, int n_in, const int RJ, const int type) {
+static inline __attribute__((always_inline)) void rows_tile(float *out, int n_out, const float *W, int j0,
+                                                            const float *x, int B, int n_in, const int RJ) {
     int b = 0;
-    for (; b + 2 <= B; b += 2) dot_tile(out + (size_t)b * n_out, n_out, m, j0, x + (size_t)b * n_in, n_in, RJ, 2, type);
-    if (b < B) dot_tile(out + (size_t)b * n_out, n_out, m, j0, x + (size_t)b * n_in, n_in, RJ, 1, type);
+    for (; b + 2 <= B; b += 2) dot_tile(out + (size_t)b * n_out, n_out, W, j0, x + (size_t)b * n_in, n_in, RJ, 2);
+    if (b < B) dot_tile(out + (size_t)b * n_out, n_out, W, j0, x + (size_t)b * n_in, n_in, RJ, 1);
 }
 
 static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as _mm512_cvtneps_pbh */
@@ -313,41 +304,188 @@ static inline void tile_rows(int B, int n_out, int t, int *j0, int *nj) {
     else *j0 = n_out / 4 * 4 + (t - n_out / 4), *nj = 1;
 }
 
-static inline __attribute__((always_inline)) void tile_of(float *out, int n_out, Mat m, int t, const float *x, int B,
-                                                          int n_in, const int type) {
-    int j0, nj;
-    tile_rows(B, n_out, t, &j0, &nj);
-    if (nj == 4) rows_tile(out, n_out, m, j0, x, B, n_in, 4, type);
-    else rows_tile(out, n_out, m, j0, x, B, n_in, 1, type);
+/* ---- int8 weights: packed for _mm512_dpbusd_epi32, with inputs quantized to int8 ----
+   llama.cpp's Q8_0 dot product: the input is quantized too, each group of 32 to int8 with the scale
+   max|x| / 127 (round to nearest even), so a group's dot product is exact in int32 and scaled once:
+   out[j] = sum over groups g of (s_w[j][g] d_x[g]) (q_w[j][g] . q_x[g]), the groups in order.
+   vpdpbusd multiplies unsigned bytes by signed ones, so the weights are stored as q + 128 (1..255) and
+   each input group carries -128 sum(q_x) to start its int32 sum from. A tile is QT rows: for each input
+   group, 8 blocks of 64 bytes, block k4 holding the 16 rows' inputs 4 k4 .. 4 k4 + 3 (a lane per row), then
+   the tile's scales, a float32 per row and group. */
+enum { QT = 16 };
+
+/* P[(((t G + g) 8 + k4) QT + r) 4 + e] = Q[t QT + r][32 g + 4 k4 + e] + 128, and PS[(t G + g) QT + r] =
+   S[t QT + r][g]; zero weights (128) and scales past the matrix. G = ceil(n_in / 32). */
+void pico_pack_int8(const int8_t *Q, const float *S, int n_out, int n_in, uint8_t *P, float *PS) {
+    const int G = (n_in + QGROUP - 1) / QGROUP, tiles = (n_out + QT - 1) / QT;
+    for (int t = 0; t < tiles; t++)
+        for (int g = 0; g < G; g++) {
+            for (int k4 = 0; k4 < QGROUP / 4; k4++)
+                for (int r = 0; r < QT; r++)
+                    for (int e = 0; e < 4; e++) {
+                        const int j = t * QT + r, i = g * QGROUP + 4 * k4 + e;
+                        const int q = j < n_out && i < n_in ? Q[(size_t)j * n_in + i] : 0;
+                        P[((((size_t)t * G + g) * (QGROUP / 4) + k4) * QT + r) * 4 + e] = (uint8_t)(q + 128);
+                    }
+            for (int r = 0; r < QT; r++)
+                PS[((size_t)t * G + g) * QT + r] = t * QT + r < n_out ? S[(size_t)(t * QT + r) * G + g] : 0.0f;
+        }
 }
 
-/* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out; W is (n_out, n_in), row-major. At batch 1
-   a row of W at a time, else 4 (tiles_of). Called by every thread of pico_forward's parallel region:
-   the tiles are split among them (omp for, a barrier at the end). */
+/* Where quantize_rows puts B rows of G groups in xb: the int8 values (32 G bytes a row, zero past n_in),
+   each group's scale d and each group's -128 sum(q). */
+typedef struct { int8_t *q; float *d; int32_t *c; } QRows;
+
+static inline QRows qrows(void *xb, int B, int G) {
+    QRows r;
+    r.q = (int8_t *)xb;
+    r.d = (float *)((int8_t *)xb + (size_t)B * G * QGROUP);
+    r.c = (int32_t *)(r.d + (size_t)B * G);
+    return r;
+}
+
+/* x (B, n) quantized by groups of 32 into xb: d = max|x| / 127, q = round(x / d) by the reciprocal, as
+   picollm/models/fused.py's quantize_acts_int8 (which the tests hold this to). */
+static void quantize_rows(void *xb, const float *x, int B, int n) {
+    const int G = (n + QGROUP - 1) / QGROUP;
+    const QRows qr = qrows(xb, B, G);
+    for (int b = 0; b < B; b++)
+        for (int g = 0; g < G; g++) {
+            const float *xg = x + (size_t)b * n + g * QGROUP;
+            const int len = n - g * QGROUP < QGROUP ? n - g * QGROUP : QGROUP;
+            int8_t *q = qr.q + ((size_t)b * G + g) * QGROUP;
+            int32_t sum = 0;
+            float d;
+#ifdef __AVX512F__
+            const __mmask16 m0 = len >= 16 ? 0xffff : (__mmask16)((1u << len) - 1);
+            const __mmask16 m1 = len >= 32 ? 0xffff : len <= 16 ? 0 : (__mmask16)((1u << (len - 16)) - 1);
+            const __m512 x0 = _mm512_maskz_loadu_ps(m0, xg), x1 = _mm512_maskz_loadu_ps(m1, xg + 16);
+            d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1))) / 127.0f;
+            const __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, id));
+            _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
+            sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#else
+            float amax = 0.0f;
+            for (int i = 0; i < len; i++) amax = amax > fabsf(xg[i]) ? amax : fabsf(xg[i]);
+            d = amax / 127.0f;
+            const float id = d > 0.0f ? 1.0f / d : 0.0f;
+            for (int i = 0; i < QGROUP; i++) {
+                const int v = i < len ? (int)nearbyintf(xg[i] * id) : 0;
+                q[i] = (int8_t)v;
+                sum += v;
+            }
+#endif
+            qr.d[(size_t)b * G + g] = d;
+            qr.c[(size_t)b * G + g] = -128 * sum;
+        }
+}
+
+/* out[b * ostride + j] for the (up to) QT rows j of tile t and NB rows of quantized inputs. Each output sums
+   its groups in order, whatever the batch. */
+static inline __attribute__((always_inline)) void q8_tile(float *out, size_t ostride, const uint8_t *P, const float *PS,
+                                                          int t, int n_out, int G, QRows x, const int NB) {
+    const int j0 = t * QT, nj = n_out - j0 < QT ? n_out - j0 : QT;
+    const uint8_t *tile = P + (size_t)t * G * QGROUP * QT;
+    const float *ts = PS + (size_t)t * G * QT;
+#ifdef __AVX512VNNI__
+    __m512 acc[8];
+    for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m512i ia[8];
+        for (int b = 0; b < NB; b++) ia[b] = _mm512_set1_epi32(x.c[(size_t)b * G + g]);
+        for (int k4 = 0; k4 < QGROUP / 4; k4++) {
+            const __m512i wv = _mm512_loadu_si512(tile + ((size_t)g * (QGROUP / 4) + k4) * QT * 4);
+            for (int b = 0; b < NB; b++) {
+                int32_t four;
+                memcpy(&four, x.q + ((size_t)b * G + g) * QGROUP + 4 * k4, sizeof four);
+                ia[b] = _mm512_dpbusd_epi32(ia[b], wv, _mm512_set1_epi32(four));
+            }
+        }
+        const __m512 sc = _mm512_loadu_ps(ts + (size_t)g * QT);
+        for (int b = 0; b < NB; b++)
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[b]), _mm512_mul_ps(sc, _mm512_set1_ps(x.d[(size_t)b * G + g])), acc[b]);
+    }
+    const __mmask16 m = nj >= 16 ? 0xffff : (__mmask16)((1u << nj) - 1);
+    for (int b = 0; b < NB; b++) _mm512_mask_storeu_ps(out + (size_t)b * ostride + j0, m, acc[b]);
+#else
+    for (int b = 0; b < NB; b++)
+        for (int r = 0; r < nj; r++) {
+            float sum = 0.0f;
+            for (int g = 0; g < G; g++) {
+                int32_t ia = x.c[(size_t)b * G + g];
+                for (int i = 0; i < QGROUP; i++)
+                    ia += (int32_t)tile[(((size_t)g * (QGROUP / 4) + i / 4) * QT + r) * 4 + i % 4] *
+                          x.q[((size_t)b * G + g) * QGROUP + i];
+                sum = fmaf((float)ia, ts[(size_t)g * QT + r] * x.d[(size_t)b * G + g], sum);
+            }
+            out[(size_t)b * ostride + j0 + r] = sum;
+        }
+#endif
+}
+
+/* Tile t of a packed int8 matrix for all B rows of x, 8 at a time. */
+static void q8_rows(float *out, int n_out, const uint8_t *P, const float *PS, int t, int G, QRows x, int B) {
+    int b = 0;
+    for (; b + 8 <= B; b += 8) {
+        const QRows xs = {x.q + (size_t)b * G * QGROUP, x.d + (size_t)b * G, x.c + (size_t)b * G};
+        q8_tile(out + (size_t)b * n_out, n_out, P, PS, t, n_out, G, xs, 8);
+    }
+    const QRows xs = {x.q + (size_t)b * G * QGROUP, x.d + (size_t)b * G, x.c + (size_t)b * G};
+    float *o = out + (size_t)b * n_out;
+    switch (B - b) {
+        case 7: q8_tile(o, n_out, P, PS, t, n_out, G, xs, 7); break;
+        case 6: q8_tile(o, n_out, P, PS, t, n_out, G, xs, 6); break;
+        case 5: q8_tile(o, n_out, P, PS, t, n_out, G, xs, 5); break;
+        case 4: q8_tile(o, n_out, P, PS, t, n_out, G, xs, 4); break;
+        case 3: q8_tile(o, n_out, P, PS, t, n_out, G, xs, 3); break;
+        case 2: q8_tile(o, n_out, P, PS, t, n_out, G, xs, 2); break;
+        case 1: q8_tile(o, n_out, P, PS, t, n_out, G, xs, 1); break;
+        default: break;
+    }
+}
+
+static inline void add_bias(float *out, const float *bias, int B, int n_out, int j0, int j1) {
+    for (int b = 0; b < B; b++)
+        for (int j = j0; j < n_out && j < j1; j++) out[(size_t)b * n_out + j] += bias[j];
+}
+
+/* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out; W is (n_out, n_in): float32 row-major
+   (at batch 1 a row at a time, else 4: tiles_of), or packed bf16 or int8 tiles (the input rounded or
+   quantized first, by one thread). Called by every thread of pico_forward's parallel region: the tiles
+   are split among them (omp for, a barrier at the end). */
 static void matvec(float *out, Mat m, const float *bias, const float *x, int B, int n_out, int n_in) {
-    if (m.type == WT_BF16) {  /* packed: bf16 inputs, tiles of PT rows */
+    if (m.type == WT_BF16) {
 #pragma omp single
-        round_bf16(m.xb, x, (size_t)B * n_in);
+        round_bf16((uint16_t *)m.xb, x, (size_t)B * n_in);
 #pragma omp for schedule(static)
         for (int t = 0; t < (n_out + PT - 1) / PT; t++) {
-            packed_rows(out, n_out, (const uint16_t *)m.w, t, n_in, m.xb, B);
-            if (bias)
-                for (int b = 0; b < B; b++)
-                    for (int j = t * PT; j < n_out && j < (t + 1) * PT; j++) out[(size_t)b * n_out + j] += bias[j];
+            packed_rows(out, n_out, (const uint16_t *)m.w, t, n_in, (const uint16_t *)m.xb, B);
+            if (bias) add_bias(out, bias, B, n_out, t * PT, (t + 1) * PT);
+        }
+        return;
+    }
+    if (m.type == WT_INT8) {
+        const int G = (n_in + QGROUP - 1) / QGROUP;
+#pragma omp single
+        quantize_rows(m.xb, x, B, n_in);
+        const QRows xq = qrows(m.xb, B, G);
+#pragma omp for schedule(static)
+        for (int t = 0; t < (n_out + QT - 1) / QT; t++) {
+            q8_rows(out, n_out, (const uint8_t *)m.w, m.s, t, G, xq, B);
+            if (bias) add_bias(out, bias, B, n_out, t * QT, (t + 1) * QT);
         }
         return;
     }
     const int n_tiles = tiles_of(B, n_out);
 #pragma omp for schedule(static)
     for (int t = 0; t < n_tiles; t++) {
-        if (m.type == WT_F32) tile_of(out, n_out, m, t, x, B, n_in, WT_F32);
-        else tile_of(out, n_out, m, t, x, B, n_in, WT_INT8);
-        if (bias) {
-            int j0, nj;
-            tile_rows(B, n_out, t, &j0, &nj);
-            for (int b = 0; b < B; b++)
-                for (int j = j0; j < j0 + nj; j++) out[(size_t)b * n_out + j] += bias[j];
-        }
+        int j0, nj;
+        tile_rows(B, n_out, t, &j0, &nj);
+        if (nj == 4) rows_tile(out, n_out, (const float *)m.w, j0, x, B, n_in, 4);
+        else rows_tile(out, n_out, (const float *)m.w, j0, x, B, n_in, 1);
+        if (bias) add_bias(out, bias, B, n_out, j0, j0 + nj);
     }
 }
 
@@ -400,7 +538,7 @@ static float dot_f32(const float *a, const float *b, int n) {
 /* Scratch floats for B rows ((row, position) pairs of a step): see the carve-up at the top of pico_forward. */
 int64_t pico_scratch_floats(const PicoCfg *c, int B) {
     int64_t C = c->n_embd, H = c->hidden, QKV = (int64_t)(c->n_head + 2 * c->n_kv_head) * c->head_size;
-    return (int64_t)B * (6 * C + QKV + 3 * H + c->vocab + (C > H ? C : H)) + 16;
+    return (int64_t)B * (6 * C + QKV + 3 * H + c->vocab + (C > H ? C : H) + 32) + 32;
 }
 
 /* PICO_OK when every weight the configuration reads is there, else PICO_MISSING_WEIGHT. */
@@ -419,7 +557,7 @@ static int check_weights(const PicoCfg *c, const void *const *w, const float *co
     return PICO_OK;
 }
 
-static inline Mat mat_at(const PicoCfg *c, const void *const *w, const float *const *ws, int i, uint16_t *xb) {
+static inline Mat mat_at(const PicoCfg *c, const void *const *w, const float *const *ws, int i, void *xb) {
     Mat m = {w[i], c->wtype == WT_INT8 ? ws[i] : NULL, c->wtype, xb};
     return m;
 }
@@ -473,17 +611,31 @@ static void attend(float *yh, const float *qh, const float *kh, const float *vh,
     float mx = sink ? *sink : -INFINITY;
     for (j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
     const float sum = exp_shifted(sc, n, mx) + (sink ? expf(*sink - mx) : 0.0f);  /* a sink: the denominator only */
+#ifdef __AVX512F__
+    if (wide && hs <= 128) {  /* y in registers, two sums (even and odd keys) so the FMAs do not wait on each other */
+        const int nv = hs / 16;
+        __m512 y0[8], y1[8];
+        for (int d = 0; d < nv; d++) y0[d] = y1[d] = _mm512_setzero_ps();
+        for (j = 0; j + 2 <= n; j += 2) {
+            const __m512 p0 = _mm512_set1_ps(sc[j] / sum), p1 = _mm512_set1_ps(sc[j + 1] / sum);
+            const float *v0 = vh + (size_t)(first + j) * hs, *v1 = v0 + hs;
+            for (int d = 0; d < nv; d++) {
+                y0[d] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * d), y0[d]);
+                y1[d] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * d), y1[d]);
+            }
+        }
+        if (j < n) {
+            const __m512 p0 = _mm512_set1_ps(sc[j] / sum);
+            const float *v0 = vh + (size_t)(first + j) * hs;
+            for (int d = 0; d < nv; d++) y0[d] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * d), y0[d]);
+        }
+        for (int d = 0; d < nv; d++) _mm512_storeu_ps(yh + 16 * d, _mm512_add_ps(y0[d], y1[d]));
+        return;
+    }
+#endif
     memset(yh, 0, sizeof(float) * hs);
     for (j = 0; j < n; j++) {
         const float p = sc[j] / sum, *vj = vh + (size_t)(first + j) * hs;
-#ifdef __AVX512F__
-        if (wide) {
-            const __m512 pv = _mm512_set1_ps(p);
-            for (int d = 0; d < hs; d += 16)
-                _mm512_storeu_ps(yh + d, _mm512_fmadd_ps(pv, _mm512_loadu_ps(vj + d), _mm512_loadu_ps(yh + d)));
-            continue;
-        }
-#endif
         for (int i = 0; i < hs; i++) yh[i] += p * vj[i];
     }
 }
@@ -520,7 +672,7 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
     float *act = h + (size_t)R * 2 * H;  /* (R, H) the MLP's hidden activations */
     float *head_in = act + (size_t)R * H;  /* (B, C) the last positions' final-normed rows */
     float *head_scratch = head_in + (size_t)R * C;  /* (B, V) the head's output when slots are not 0..B-1 */
-    uint16_t *xb = (uint16_t *)(head_scratch + (size_t)R * c->vocab);  /* (R, max(C, H)) bf16 matmul inputs */
+    void *xb = head_scratch + (size_t)R * c->vocab;  /* (R, max(C, H) + 32) floats' room: matmul inputs (Mat) */
     const int tc_max = R / B;  /* positions per chunk */
     const float scale = 1.0f / sqrtf((float)hs);
     const size_t head_stride = (size_t)c->block_size * hs;
