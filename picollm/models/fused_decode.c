@@ -222,7 +222,7 @@ static void round_bf16(uint16_t *xb, const float *x, size_t n) {
    w[j][2k2] x[2k2] + w[j][2k2+1] x[2k2+1] into the lane of row j: the lanes are the outputs (no reduction
    at the end), and an input pair, broadcast, serves every row of the tile. Each output sums its pairs in
    order, whatever the batch. A tile's data is contiguous: at batch 1 it streams from memory in order. */
-enum { PT = 32 };
+enum { PT = 32, PPREFETCH = 64 };
 
 /* P[((t * K2 + k2) * PT + r) * 2 + e] = W[t * PT + r][2 k2 + e], zero past the matrix; K2 = ceil(n_in / 2). */
 void pico_pack_bf16(const uint16_t *W, int n_out, int n_in, uint16_t *P) {
@@ -246,6 +246,8 @@ static inline __attribute__((always_inline)) void packed_tile(float *out, size_t
     __m512 acc[8][2];
     for (int b = 0; b < NB; b++) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
     for (int k2 = 0; k2 < K2; k2++) {
+        if (NB > 1)  /* as q8_tile: a batch outpaces the hardware's prefetch */
+            for (int l = 0; l < PT * 2; l += 32) _mm_prefetch((const char *)(tile + (size_t)(k2 + PPREFETCH) * PT * 2 + l), _MM_HINT_T0);
         const __m512bh w0 = (__m512bh)_mm512_loadu_si512(tile + (size_t)k2 * PT * 2);
         const __m512bh w1 = (__m512bh)_mm512_loadu_si512(tile + (size_t)k2 * PT * 2 + 32);
         for (int b = 0; b < NB; b++) {
@@ -312,7 +314,7 @@ static inline void tile_rows(int B, int n_out, int t, int *j0, int *nj) {
    each input group carries -128 sum(q_x) to start its int32 sum from. A tile is QT rows: for each input
    group, 8 blocks of 64 bytes, block k4 holding the 16 rows' inputs 4 k4 .. 4 k4 + 3 (a lane per row), then
    the tile's scales, a float32 per row and group. */
-enum { QT = 16 };
+enum { QT = 16, QPREFETCH = 8 };
 
 /* P[(((t G + g) 8 + k4) QT + r) 4 + e] = Q[t QT + r][32 g + 4 k4 + e] + 128, and PS[(t G + g) QT + r] =
    S[t QT + r][g]; zero weights (128) and scales past the matrix. G = ceil(n_in / 32). */
@@ -394,6 +396,8 @@ static inline __attribute__((always_inline)) void q8_tile(float *out, size_t ost
     for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
     for (int g = 0; g < G; g++) {
         __m512i ia[8];
+        if (NB > 1)  /* a batch spends long enough on a group that the hardware's prefetch falls behind */
+            for (int l = 0; l < QGROUP * QT; l += 64) _mm_prefetch((const char *)tile + (size_t)(g + QPREFETCH) * QGROUP * QT + l, _MM_HINT_T0);
         for (int b = 0; b < NB; b++) ia[b] = _mm512_set1_epi32(x.c[(size_t)b * G + g]);
         for (int k4 = 0; k4 < QGROUP / 4; k4++) {
             const __m512i wv = _mm512_loadu_si512(tile + ((size_t)g * (QGROUP / 4) + k4) * QT * 4);

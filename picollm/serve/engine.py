@@ -1,12 +1,12 @@
-"""The server's decode engine: one thread that advances every active request by a token each round.
+"""The server's decode engine: one thread that advances every active request each round.
 
 A request is a Job: its prompts, each with n rows (its choices, as `pico-llm generate --num_samples n`
 batches them). The engine admits up to max_active jobs, the others wait in arrival order.
 
 Where the model decodes through the fused C step (a Transformer on the CPU), the rows of every active job
 share one RowPool: a FusedRows of pool_rows KV-cache slots. A job's rows join when it is admitted (its
-prompts fed in one call each), and each round one C call samples and feeds a token for every live row of
-every job together (continuous batching). So N concurrent streams cost one batched step, not N. Each
+prompts fed in one call each), and each round one C call samples and feeds a few positions (RowPool)
+for every live row of every job together (continuous batching). So N concurrent streams cost one batched step, not N. Each
 prompt draws its uniform numbers from its own generator, as `decode_steps` does, and a row's logits do
 not depend on the rows beside it (fused_decode.c sums in the same order at any batch), so a seed gives the
 same tokens here as through `generate`, alone or beside other requests.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -185,21 +186,25 @@ class Job:
             self.gens.append(None if self.cfg.seed is None else torch.Generator().manual_seed(self.cfg.seed))
 
     def draw(self, u: torch.Tensor) -> None:
-        """This round's uniform numbers of the job's live rows into u (slots,), as sample_next draws them."""
+        """This round's uniform numbers of the job's live rows into u (positions, slots), as sample_next
+        draws them (a prompt's generator gives its rows' numbers position by position)."""
         if self.cfg.greedy or self.cfg.temperature == 0:
             return
         for rows, gen in zip(self.slots, self.gens):
             if rows:
-                u[rows] = torch.rand(len(rows), 1, generator=gen)[:, 0]
+                u[:, rows] = torch.rand(u.size(0), len(rows), generator=gen)
 
-    def collect(self, tokens: list[int], logits: Optional[torch.Tensor]) -> bool:
-        """This round's tokens (a list, by slot) (and logits (slots, V)) of the job's rows; False once every
-        choice has finished (its rows are back in the pool then)."""
+    def collect(self, tokens: list[list[int]], logits: Optional[torch.Tensor]) -> bool:
+        """This round's tokens (a list by position of lists by slot) (and logits (positions, slots, V)) of the
+        job's rows; False once every choice has finished (its rows are back in the pool then)."""
         events: list[TokenEvent] = []
         for p, rows in enumerate(self.slots):
             if not rows:
                 continue
-            events += self._deliver(p, [tokens[r] for r in rows], None if logits is None else logits[rows])
+            for i, ids in enumerate(tokens):
+                events += self._deliver(p, [ids[r] for r in rows], None if logits is None else logits[i, rows])
+                if self._finished(p):
+                    break
             if self._finished(p):
                 self.pool.give_back(rows)
                 self.slots[p] = []
@@ -261,14 +266,24 @@ class Job:
         self.slots = [[] for _ in self.slots]
 
 
+ROUND_SECONDS = 0.004  # a pooled round's length to aim for: a small model decodes several positions a round
+ROUND_MAX_POSITIONS = 16
+
+
 class RowPool:
     """The fused decoder's rows for one served model (see the module docstring): rows KV-cache slots, taken by
-    jobs and given back, all stepped by one C call a round."""
+    jobs and given back, all stepped by one C call a round.
+
+    A round decodes as many positions as fit in about ROUND_SECONDS (from the last round's time a position,
+    at most ROUND_MAX_POSITIONS): at T4 size a position takes ~0.1 ms, and the Python around each round
+    (draws, detokenizing, events) would cost as much again if every round were one position. Tokens then
+    reach a client in bursts a few milliseconds apart, and a new request joins at the next round."""
 
     def __init__(self, dec: FusedDecoder, rows: int, max_new_tokens: int):
         self.rows = FusedRows(dec, rows, max_new_tokens, touch=True)
         self.free: list[int] = list(range(rows))
         self.jobs: list[Job] = []
+        self.positions = 1  # the next round's
 
     @property
     def size(self) -> int:
@@ -283,17 +298,22 @@ class RowPool:
         self.free += rows
 
     def step(self) -> None:
-        """One token for every live row of every job in the pool; finished jobs leave it."""
-        S = self.size
-        u = torch.zeros(1, S)
+        """A round: up to self.positions tokens for every live row of every job in the pool; finished jobs
+        leave it."""
+        S, n = self.size, self.positions
+        u = torch.zeros(n, S)
         for job in self.jobs:
-            job.draw(u[0])
+            job.draw(u)
         sampled = any(not (j.cfg.greedy or j.cfg.temperature == 0) for j in self.jobs)
         keep = any(j.logprobs is not None for j in self.jobs)
-        tokens, logits = self.rows.run(1, u if sampled else None, keep)
-        ids = tokens[0].tolist()
+        t0 = time.perf_counter()
+        tokens, logits = self.rows.run(n, u if sampled else None, keep)
+        if len(tokens):
+            per_position = (time.perf_counter() - t0) / len(tokens)
+            self.positions = max(1, min(ROUND_MAX_POSITIONS, int(ROUND_SECONDS / max(per_position, 1e-6))))
+        ids = tokens.tolist()
         for job in list(self.jobs):
-            if not job.collect(ids, None if logits is None else logits[0]):
+            if not job.collect(ids, logits):
                 self.jobs.remove(job)
 
 
