@@ -67,8 +67,8 @@ def test_fused_step_matches_the_model_for_every_architecture(pos, norm, placemen
 def test_fused_step_with_bf16_weights_is_the_float32_math_on_bf16_matmul_operands():
     """bf16 weights take bf16 inputs (as PyTorch's bf16 model and llama.cpp's f16 do; _mm512_dpbf16_ps multiplies
     them): the step equals float32 PyTorch on the rounded weights with every matmul's input rounded to bf16
-    (the products are exact in float32; only the order of the sums differs). Norms, residual, attention
-    and the KV cache stay float32."""
+    (the products are exact in float32; only the order of the sums differs), and with K and V rounded to
+    bf16 as the step's KV cache holds them. Norms, residual and attention stay float32."""
     cfg = ModelConfig(vocab_size=97, block_size=32, n_embd=64, n_layer=2, n_head=4)
     m = perturbed(cfg)
     bf = copy.deepcopy(m).to(torch.bfloat16)
@@ -79,12 +79,17 @@ def test_fused_step_with_bf16_weights_is_the_float32_math_on_bf16_matmul_operand
     for mod in rounded.modules():
         if isinstance(mod, torch.nn.Linear):
             mod.register_forward_pre_hook(lambda _m, args: (args[0].bfloat16().float(),))
+    for blk in rounded.blocks:
+        for hook in (blk.attn.hook_k, blk.attn.hook_v):
+            hook.register_forward_hook(lambda _m, _args, out: out.bfloat16().float())
     idx = torch.randint(97, (2, 32))
     got = stepped_logits(FusedDecoder(bf), idx, prefill=5)
-    # where the two float32 sums differ in their last bits an input may round to the other bf16 neighbour:
-    # a few logits then move by up to ~1e-3; the rest agree to float32 rounding
+    # where the two float32 sums differ in their last bits an input (or a K or V element) may round to the
+    # other bf16 neighbour: that position's logits then move by up to ~3e-3; the others agree to float32
+    # rounding
     diff = (got - rounded(idx)[:, 4:]).abs()
-    assert diff.max() < 5e-3 and diff.median() < 1e-5 and (diff > 5e-5).float().mean() < 0.05
+    per_position = diff.amax(-1)
+    assert diff.max() < 5e-3 and diff.median() < 1e-5 and (per_position < 1e-5).float().mean() >= 0.85, per_position
     # and it really read bf16 weights and inputs: the float32 model's logits differ by far more than that
     assert (got - m(idx)[:, 4:]).abs().median() > 100 * diff.median()
     unrounded = build_model(cfg).eval()

@@ -52,7 +52,7 @@ class _Cfg(ctypes.Structure):
                                                      "block_size", "layernorm", "pre_norm", "swiglu", "pos_kind", "wtype")]
     _fields_ += [("eps", ctypes.c_float)]
     _fields_ += [(name, ctypes.c_int32) for name in ("n_kv_head", "window", "window_alternate", "relu2")]
-    _fields_ += [("softcap", ctypes.c_float)]
+    _fields_ += [("softcap", ctypes.c_float), ("kv_bf16", ctypes.c_int32)]
 
 
 class _Sampling(ctypes.Structure):  # PicoSampling: how one row samples
@@ -217,8 +217,9 @@ def quantize_acts_int8(x: torch.Tensor) -> torch.Tensor:
 
 def int8_rounded(model: torch.nn.Module) -> torch.nn.Module:
     """A float32 copy of a Transformer as --weights int8 computes it: its matmul weights hold their int8
-    round trip and every matmul's input is quantized as the fused step quantizes it (quantize_acts_int8,
-    by forward pre-hooks). PyTorch's view of the int8 step, for measuring its test loss."""
+    round trip, every matmul's input is quantized as the fused step quantizes it (quantize_acts_int8) and
+    K and V are rounded to bf16 as its KV cache holds them (by hooks). PyTorch's view of the int8 step, for
+    measuring its test loss."""
     out = copy.deepcopy(model).float()
     with torch.no_grad():
         for m in _matmul_weights(out):
@@ -226,6 +227,9 @@ def int8_rounded(model: torch.nn.Module) -> torch.nn.Module:
     linears = [out.head] + [m for blk in out.blocks for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc, blk.mlp.proj)]
     for lin in linears:
         lin.register_forward_pre_hook(lambda _mod, args: (quantize_acts_int8(args[0]), *args[1:]))
+    for blk in out.blocks:
+        for hook in (blk.attn.hook_k, blk.attn.hook_v):
+            hook.register_forward_hook(lambda _mod, _args, kv: kv.bfloat16().float())
     return out
 
 
@@ -238,8 +242,8 @@ def _matmul_weights(model) -> list[torch.Tensor]:
 
 @dataclass
 class FusedState:
-    """KV caches (L, slots, n_kv_heads, block_size, hs) in float32 (uninitialized: a position is read only
-    after it is written), the C code's scratch (for `rows` (row, position) pairs at a time), and the
+    """KV caches (L, slots, n_kv_heads, block_size, hs) in the decoder's kv_dtype (uninitialized: a position
+    is read only after it is written), the C code's scratch (for `rows` (row, position) pairs at a time), and the
     logits buffer, a row per slot."""
 
     k: torch.Tensor
@@ -278,7 +282,11 @@ class FusedDecoder:
                          swiglu=int(c.mlp == "swiglu"), pos_kind={"learned": 1, "sinusoidal": 1, "rope": 2}.get(c.pos_emb, 0),
                          wtype=_WTYPE[mat_dtype], eps=c.norm_eps, n_kv_head=c.n_kv_heads,
                          window=c.sliding_window, window_alternate=int(c.window_pattern == "alternate"),
-                         relu2=int(c.mlp == "relu2"), softcap=c.logit_softcap)
+                         relu2=int(c.mlp == "relu2"), softcap=c.logit_softcap,
+                         kv_bf16=int(mat_dtype in (torch.bfloat16, torch.int8)))
+        # the KV cache: bf16 beside bf16 or int8 weights (as PyTorch's bf16 model keeps it, and llama.cpp's f16
+        # cache): a batch's attention reads as many bytes of it as of the weights at T4 size
+        self.kv_dtype = torch.bfloat16 if self.ccfg.kv_bf16 else torch.float32
         self._ccfg_ref = ctypes.byref(self.ccfg)  # made once: it is an argument of every step
         self._keep: list[torch.Tensor] = []  # every tensor a pointer refers to
         scales: list[Optional[int]] = []  # int8: each matmul weight's scales, at the same index as the weight
@@ -349,8 +357,8 @@ class FusedDecoder:
         rows = max(batch_size, PREFILL_ROWS)
         n_scratch = self.lib.pico_scratch_floats(self._ccfg_ref, rows)
         alloc = torch.zeros if touch else torch.empty
-        return FusedState(alloc(shape), alloc(shape), torch.zeros(n_scratch), torch.empty(batch_size, 1, c.vocab_size),
-                          rows)
+        return FusedState(alloc(shape, dtype=self.kv_dtype), alloc(shape, dtype=self.kv_dtype), torch.zeros(n_scratch),
+                          torch.empty(batch_size, 1, c.vocab_size), rows)
 
     def borrow_state(self, slots: int) -> FusedState:
         """A state of `slots` slots for one user at a time: the one given back last, else a new one. A large

@@ -11,8 +11,8 @@
 
    Weights: the matmul weights (embedding, q/k/v, projections, MLP, head) are float32, bfloat16, or int8
    with a float32 scale per group of 32 consecutive inputs of a row (llama.cpp's Q8_0 layout, scales kept
-   apart); norms, biases and position tables come as float32. Activations, the KV cache and all
-   accumulation are float32; a matmul rounds its input to bf16 for bf16 weights (as PyTorch's bf16 model
+   apart); norms, biases and position tables come as float32. Activations and all accumulation are
+   float32, the KV cache float32 or bf16 (PicoCfg.kv_bf16: fused.py picks bf16 with bf16 or int8 weights); a matmul rounds its input to bf16 for bf16 weights (as PyTorch's bf16 model
    does) and quantizes it to int8 by groups of 32 for int8 weights (as llama.cpp's Q8_0 dot product). The math follows models/transformer.py line by line: pre- or post-norm,
    RMSNorm or LayerNorm, RoPE ("rotate half" pairs i, i + hs/2), learned or sinusoidal positions, GELU
    (erf), SwiGLU or ReLU^2 MLP, optional biases; grouped-query attention (n_kv_head kv heads, each serving
@@ -49,6 +49,7 @@ typedef struct {
     int32_t window_alternate;  /* 1: only even layers slide */
     int32_t relu2;      /* 1: ReLU^2 MLP (with swiglu 0) */
     float softcap;      /* 0: off; else logits = softcap * tanh(logits / softcap) */
+    int32_t kv_bf16;    /* 1: the KV cache holds bf16 (rounded to nearest even), else float32 */
 } PicoCfg;
 
 /* How one row samples (sample_next of picollm/sampling.py): greedy, or temperature, then top-k, then
@@ -527,16 +528,36 @@ static void rope(float *v, const float *cos, const float *sin, int half) {
     }
 }
 
-static float dot_f32(const float *a, const float *b, int n) {
+/* An element of the KV cache (float32 or bf16), and 16 of them as float32. */
+static inline float kv_at(const void *p, size_t i, const int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+#ifdef __AVX512F__
+static inline __attribute__((always_inline)) __m512 kv16(const void *p, size_t i, const int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)p + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+/* q . the n cache elements from off. */
+static inline __attribute__((always_inline)) float dot_kv(const float *q, const void *k, size_t off, int n, const int bf16) {
     int i = 0;
     float s = 0.0f;
 #ifdef __AVX512F__
     __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), kv16(k, off + i, bf16), acc);
     s = _mm512_reduce_add_ps(acc);
 #endif
-    for (; i < n; i++) s += a[i] * b[i];
+    for (; i < n; i++) s += q[i] * kv_at(k, off + i, bf16);
     return s;
+}
+
+/* n floats into the KV cache at element off, rounded to bf16 where it holds bf16. */
+static void kv_put(void *cache, size_t off, const float *src, int n, int bf16) {
+    if (bf16) round_bf16((uint16_t *)cache + off, src, (size_t)n);
+    else memcpy((float *)cache + off, src, sizeof(float) * (size_t)n);
 }
 
 /* Scratch floats for B rows ((row, position) pairs of a step): see the carve-up at the top of pico_forward. */
@@ -590,8 +611,9 @@ static void silu_mul(float *dst, const float *gate, const float *up, int n) {
    weighted sum of values into yh. att: pos + 1 floats of scratch. With AVX-512 and hs a multiple of 16,
    the scores of 8 keys at a time share one reduction tree, the softmax's exp is vectorized (exp16) and
    the values are added 16 lanes at a time: at batch 8 the scalar loops cost as much as the matmuls. */
-static void attend(float *yh, const float *qh, const float *kh, const float *vh, int first, int pos, int hs,
-                   float scale, const float *sink, float *att) {
+static inline __attribute__((always_inline)) void attend_kv(float *yh, const float *qh, const void *kh, const void *vh,
+                                                            int first, int pos, int hs, float scale, const float *sink,
+                                                            float *att, const int bf16) {
     float *sc = att + first;
     const int n = pos - first + 1;
     int j = 0;
@@ -602,16 +624,16 @@ static void attend(float *yh, const float *qh, const float *kh, const float *vh,
             __m512 v[8];
             float out[8];
             for (int k = 0; k < 8; k++) {
-                const float *kr = kh + (size_t)(first + j + k) * hs;
+                const size_t kr = (size_t)(first + j + k) * hs;
                 __m512 acc = _mm512_setzero_ps();
-                for (int d = 0; d < hs; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kr + d), acc);
+                for (int d = 0; d < hs; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), kv16(kh, kr + d, bf16), acc);
                 v[k] = acc;
             }
             reduce8(v, out);
             for (int k = 0; k < 8; k++) sc[j + k] = out[k] * scale;
         }
 #endif
-    for (; j < n; j++) sc[j] = dot_f32(qh, kh + (size_t)(first + j) * hs, hs) * scale;
+    for (; j < n; j++) sc[j] = dot_kv(qh, kh, (size_t)(first + j) * hs, hs, bf16) * scale;
     float mx = sink ? *sink : -INFINITY;
     for (j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
     const float sum = exp_shifted(sc, n, mx) + (sink ? expf(*sink - mx) : 0.0f);  /* a sink: the denominator only */
@@ -622,16 +644,16 @@ static void attend(float *yh, const float *qh, const float *kh, const float *vh,
         for (int d = 0; d < nv; d++) y0[d] = y1[d] = _mm512_setzero_ps();
         for (j = 0; j + 2 <= n; j += 2) {
             const __m512 p0 = _mm512_set1_ps(sc[j] / sum), p1 = _mm512_set1_ps(sc[j + 1] / sum);
-            const float *v0 = vh + (size_t)(first + j) * hs, *v1 = v0 + hs;
+            const size_t v0 = (size_t)(first + j) * hs, v1 = v0 + hs;
             for (int d = 0; d < nv; d++) {
-                y0[d] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * d), y0[d]);
-                y1[d] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * d), y1[d]);
+                y0[d] = _mm512_fmadd_ps(p0, kv16(vh, v0 + 16 * d, bf16), y0[d]);
+                y1[d] = _mm512_fmadd_ps(p1, kv16(vh, v1 + 16 * d, bf16), y1[d]);
             }
         }
         if (j < n) {
             const __m512 p0 = _mm512_set1_ps(sc[j] / sum);
-            const float *v0 = vh + (size_t)(first + j) * hs;
-            for (int d = 0; d < nv; d++) y0[d] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * d), y0[d]);
+            const size_t v0 = (size_t)(first + j) * hs;
+            for (int d = 0; d < nv; d++) y0[d] = _mm512_fmadd_ps(p0, kv16(vh, v0 + 16 * d, bf16), y0[d]);
         }
         for (int d = 0; d < nv; d++) _mm512_storeu_ps(yh + 16 * d, _mm512_add_ps(y0[d], y1[d]));
         return;
@@ -639,9 +661,16 @@ static void attend(float *yh, const float *qh, const float *kh, const float *vh,
 #endif
     memset(yh, 0, sizeof(float) * hs);
     for (j = 0; j < n; j++) {
-        const float p = sc[j] / sum, *vj = vh + (size_t)(first + j) * hs;
-        for (int i = 0; i < hs; i++) yh[i] += p * vj[i];
+        const float p = sc[j] / sum;
+        const size_t vj = (size_t)(first + j) * hs;
+        for (int i = 0; i < hs; i++) yh[i] += p * kv_at(vh, vj + i, bf16);
     }
+}
+
+static void attend(float *yh, const float *qh, const void *kh, const void *vh, int first, int pos, int hs, float scale,
+                   const float *sink, float *att, int bf16) {
+    if (bf16) attend_kv(yh, qh, kh, vh, first, pos, hs, scale, sink, att, 1);
+    else attend_kv(yh, qh, kh, vh, first, pos, hs, scale, sink, att, 0);
 }
 
 /* Feed tokens (B, T) (row-major int64): row b at positions pos[b] .. pos[b]+T-1 of KV-cache slot slot[b]
@@ -650,7 +679,7 @@ static void attend(float *yh, const float *qh, const float *kh, const float *vh,
    up to max_rows (row, position) pairs at a time (the scratch's capacity, pico_scratch_floats), so a
    prefill reads the weights once per chunk, not once per token; the head runs for the last positions
    only. Returns PICO_OK, or the PICO_* code of the first problem found (nothing is written then). */
-int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws, float *kc, float *vc,
+int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws, void *kc, void *vc,
                  float *scratch, const int64_t *tokens, int B, int T, const int32_t *pos, const int32_t *slot,
                  int n_slots, float *logits, int max_rows) {
     const int C = c->n_embd, nh = c->n_head, nkv = c->n_kv_head, hs = c->head_size, H = c->hidden, L = c->n_layer;
@@ -729,8 +758,8 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                     }
                     for (int kh = 0; kh < nkv; kh++) {
                         size_t base = (((size_t)l * n_slots + s) * nkv + kh) * head_stride;
-                        memcpy(kc + base + (size_t)p * hs, k + kh * hs, sizeof(float) * hs);
-                        memcpy(vc + base + (size_t)p * hs, v + kh * hs, sizeof(float) * hs);
+                        kv_put(kc, base + (size_t)p * hs, k + kh * hs, hs, c->kv_bf16);
+                        kv_put(vc, base + (size_t)p * hs, v + kh * hs, hs, c->kv_bf16);
                     }
                 }
 #pragma omp for schedule(static)
@@ -738,8 +767,9 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                     const int r = rh / nh, hd = rh % nh, b = r / tc, p = pos[b] + t0 + r % tc, s = slot ? slot[b] : b;
                     const int first = W && p - W + 1 > 0 ? p - W + 1 : 0;  /* the oldest key this query sees */
                     const size_t base = (((size_t)l * n_slots + s) * nkv + hd / group) * head_stride;
-                    attend(y + (size_t)r * C + hd * hs, qkv + (size_t)r * QKV + hd * hs, kc + base, vc + base, first,
-                           p, hs, scale, sinks ? sinks + hd : NULL, att);
+                    const size_t at_kv = base * (c->kv_bf16 ? sizeof(uint16_t) : sizeof(float));  /* bytes */
+                    attend(y + (size_t)r * C + hd * hs, qkv + (size_t)r * QKV + hd * hs, (const char *)kc + at_kv,
+                           (const char *)vc + at_kv, first, p, hs, scale, sinks ? sinks + hd : NULL, att, c->kv_bf16);
                 }
                 matvec(a, mat_at(c, w, ws, at + L_PROJ, xb), lw[L_PROJ_B], y, NR, C, C);
 #pragma omp single
@@ -1070,7 +1100,7 @@ void pico_sample_rows(const float *logits, int B, int V, const PicoSampling *smp
    slides its window. keep_logits (n, B, V), if given, receives the logits each token was drawn from.
    Returns the positions written to out (n, B): fewer than n once no row is live; or -PICO_*.
    work: 5 V floats; scratch: the forward's, for max_rows >= B rows. */
-int pico_generate(const PicoCfg *c, const void *const *w, const float *const *ws, float *kc, float *vc,
+int pico_generate(const PicoCfg *c, const void *const *w, const float *const *ws, void *kc, void *vc,
                   float *scratch, int n_slots, int B, const int32_t *slot, int32_t *pos, int64_t *hist,
                   int32_t *n_hist, int hist_cap, const PicoSampling *smp, const float *u, int n,
                   const int64_t *stop, int32_t *left, uint8_t *done, float *logits, float *keep_logits,
