@@ -319,7 +319,8 @@ def test_int8_scales_are_per_row_group_and_per_input_group():
     m.blocks[0].mlp.fc.weight.data[:8] *= 50
     idx = torch.randint(97, (2, 32))
     got = stepped_logits(FusedDecoder(m, "int8"), idx, prefill=6)
-    err = (got - int8_rounded(m)(idx)[:, 5:]).abs().amax(-1)  # per position
+    with torch.no_grad():
+        err = (got - int8_rounded(m)(idx)[:, 5:]).abs().amax(-1)  # per position
     assert float((err < 1e-5).float().mean()) >= 0.8, err
     assert float(err.max()) < 1e-2, err
     assert (got - m(idx)[:, 5:]).abs().max() > 2e-2

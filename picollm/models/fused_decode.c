@@ -88,7 +88,7 @@ enum {
 enum { WT_F32 = 0, WT_BF16 = 1, WT_INT8 = 2, QGROUP = 32 };
 
 /* A matmul weight, its int8 scales, and room for its input as the kernel reads it (bf16: rounded, B * n_in
-   values; int8: quantized, see quantize_rows). */
+   values; int8: quantized, see quantize_row). */
 typedef struct { const void *w; const float *s; int type; void *xb; } Mat;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -335,7 +335,7 @@ void pico_pack_int8(const int8_t *Q, const float *S, int n_out, int n_in, uint8_
         }
 }
 
-/* Where quantize_rows puts B rows of G groups in xb: the int8 values (32 G bytes a row, zero past n_in),
+/* Where quantize_row puts B rows of G groups in xb: the int8 values (32 G bytes a row, zero past n_in),
    each group's scale d and each group's -128 sum(q). */
 typedef struct { int8_t *q; float *d; int32_t *c; } QRows;
 
@@ -347,42 +347,39 @@ static inline QRows qrows(void *xb, int B, int G) {
     return r;
 }
 
-/* x (B, n) quantized by groups of 32 into xb: d = max|x| / 127, q = round(x / d) by the reciprocal, as
-   picollm/models/fused.py's quantize_acts_int8 (which the tests hold this to). */
-static void quantize_rows(void *xb, const float *x, int B, int n) {
-    const int G = (n + QGROUP - 1) / QGROUP;
-    const QRows qr = qrows(xb, B, G);
-    for (int b = 0; b < B; b++)
-        for (int g = 0; g < G; g++) {
-            const float *xg = x + (size_t)b * n + g * QGROUP;
-            const int len = n - g * QGROUP < QGROUP ? n - g * QGROUP : QGROUP;
-            int8_t *q = qr.q + ((size_t)b * G + g) * QGROUP;
-            int32_t sum = 0;
-            float d;
+/* Row b of x (its n values at x) quantized by groups of 32 into qr: d = max|x| / 127, q = round(x / d) by
+   the reciprocal, as picollm/models/fused.py's quantize_acts_int8 (which the tests hold this to). */
+static void quantize_row(QRows qr, const float *x, int b, int G, int n) {
+    for (int g = 0; g < G; g++) {
+        const float *xg = x + g * QGROUP;
+        const int len = n - g * QGROUP < QGROUP ? n - g * QGROUP : QGROUP;
+        int8_t *q = qr.q + ((size_t)b * G + g) * QGROUP;
+        int32_t sum = 0;
+        float d;
 #ifdef __AVX512F__
-            const __mmask16 m0 = len >= 16 ? 0xffff : (__mmask16)((1u << len) - 1);
-            const __mmask16 m1 = len >= 32 ? 0xffff : len <= 16 ? 0 : (__mmask16)((1u << (len - 16)) - 1);
-            const __m512 x0 = _mm512_maskz_loadu_ps(m0, xg), x1 = _mm512_maskz_loadu_ps(m1, xg + 16);
-            d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1))) / 127.0f;
-            const __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
-            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, id));
-            _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
-            _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
-            sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        const __mmask16 m0 = len >= 16 ? 0xffff : (__mmask16)((1u << len) - 1);
+        const __mmask16 m1 = len >= 32 ? 0xffff : len <= 16 ? 0 : (__mmask16)((1u << (len - 16)) - 1);
+        const __m512 x0 = _mm512_maskz_loadu_ps(m0, xg), x1 = _mm512_maskz_loadu_ps(m1, xg + 16);
+        d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1))) / 127.0f;
+        const __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, id));
+        _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
+        sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
 #else
-            float amax = 0.0f;
-            for (int i = 0; i < len; i++) amax = amax > fabsf(xg[i]) ? amax : fabsf(xg[i]);
-            d = amax / 127.0f;
-            const float id = d > 0.0f ? 1.0f / d : 0.0f;
-            for (int i = 0; i < QGROUP; i++) {
-                const int v = i < len ? (int)nearbyintf(xg[i] * id) : 0;
-                q[i] = (int8_t)v;
-                sum += v;
-            }
-#endif
-            qr.d[(size_t)b * G + g] = d;
-            qr.c[(size_t)b * G + g] = -128 * sum;
+        float amax = 0.0f;
+        for (int i = 0; i < len; i++) amax = amax > fabsf(xg[i]) ? amax : fabsf(xg[i]);
+        d = amax / 127.0f;
+        const float id = d > 0.0f ? 1.0f / d : 0.0f;
+        for (int i = 0; i < QGROUP; i++) {
+            const int v = i < len ? (int)nearbyintf(xg[i] * id) : 0;
+            q[i] = (int8_t)v;
+            sum += v;
         }
+#endif
+        qr.d[(size_t)b * G + g] = d;
+        qr.c[(size_t)b * G + g] = -128 * sum;
+    }
 }
 
 /* out[b * ostride + j] for the (up to) QT rows j of tile t and NB rows of quantized inputs. Each output sums
@@ -457,13 +454,13 @@ static inline void add_bias(float *out, const float *bias, int B, int n_out, int
 }
 
 /* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out; W is (n_out, n_in): float32 row-major
-   (at batch 1 a row at a time, else 4: tiles_of), or packed bf16 or int8 tiles (the input rounded or
-   quantized first, by one thread). Called by every thread of pico_forward's parallel region: the tiles
+   (at batch 1 a row at a time, else 4: tiles_of), or packed bf16 or int8 tiles (the input's rows rounded
+   or quantized first). Called by every thread of pico_forward's parallel region: the tiles
    are split among them (omp for, a barrier at the end). */
 static void matvec(float *out, Mat m, const float *bias, const float *x, int B, int n_out, int n_in) {
     if (m.type == WT_BF16) {
-#pragma omp single
-        round_bf16((uint16_t *)m.xb, x, (size_t)B * n_in);
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) round_bf16((uint16_t *)m.xb + (size_t)b * n_in, x + (size_t)b * n_in, (size_t)n_in);
 #pragma omp for schedule(static)
         for (int t = 0; t < (n_out + PT - 1) / PT; t++) {
             packed_rows(out, n_out, (const uint16_t *)m.w, t, n_in, (const uint16_t *)m.xb, B);
@@ -473,9 +470,9 @@ static void matvec(float *out, Mat m, const float *bias, const float *x, int B, 
     }
     if (m.type == WT_INT8) {
         const int G = (n_in + QGROUP - 1) / QGROUP;
-#pragma omp single
-        quantize_rows(m.xb, x, B, n_in);
         const QRows xq = qrows(m.xb, B, G);
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) quantize_row(xq, x + (size_t)b * n_in, b, G, n_in);
 #pragma omp for schedule(static)
         for (int t = 0; t < (n_out + QT - 1) / QT; t++) {
             q8_rows(out, n_out, (const uint8_t *)m.w, m.s, t, G, xq, B);
@@ -715,15 +712,15 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
     for (int b = 0; b < B && slot; b++) contiguous &= slot[b] == b;
     float *head_out = contiguous ? logits : head_scratch;  /* else to the slots after */
 
-    /* One parallel region for the whole step: the matmuls split their rows and the attention its (row,
-       head) pairs across the threads (omp for), the small serial parts run on one (omp single); each ends
-       in a barrier, far cheaper than the ~20 fork/joins of a region per matmul. */
+    /* One parallel region for the whole step: the matmuls split their rows, the attention its (row, head)
+       pairs and the small parts (norms, residuals, RoPE, the cache writes) their rows across the threads
+       (omp for); each ends in a barrier, far cheaper than the ~20 fork/joins of a region per matmul. */
 #pragma omp parallel
     {
         float att[c->block_size];  /* this thread's attention scores */
         for (int t0 = 0; t0 < T; t0 += tc_max) {
             const int tc = T - t0 < tc_max ? T - t0 : tc_max, NR = B * tc;  /* row r: b = r / tc, t0 + r % tc */
-#pragma omp single
+#pragma omp for schedule(static)
             for (int r = 0; r < NR; r++) {
                 const int b = r / tc, ti = t0 + r % tc;
                 embed_row(x + (size_t)r * C, wte, tokens[(size_t)b * T + ti], C);
@@ -736,7 +733,7 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                 const int at = N_GLOBAL + N_PER_LAYER * l;
                 const void *const *lw = w + at;
                 /* attention */
-#pragma omp single
+#pragma omp for schedule(static)
                 for (int r = 0; r < NR; r++) {
                     if (c->pre_norm)
                         norm(xn + (size_t)r * C, x + (size_t)r * C, lw[L_LN1], lw[L_LN1_B], C, c->layernorm, c->eps);
@@ -746,7 +743,7 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                 matvec(qkv, mat_at(c, w, ws, at + L_QKV, xb), lw[L_QKV_B], xn, NR, QKV, C);
                 const int W = (c->window && !(c->window_alternate && (l % 2))) ? c->window : 0;
                 const float *sinks = (const float *)lw[L_SINKS];
-#pragma omp single
+#pragma omp for schedule(static)
                 for (int r = 0; r < NR; r++) {  /* every position's k and v into the cache, before any attends */
                     const int b = r / tc, p = pos[b] + t0 + r % tc, s = slot ? slot[b] : b;
                     float *q = qkv + (size_t)r * QKV, *k = q + nh * hs, *v = k + nkv * hs;
@@ -772,17 +769,17 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                            (const char *)vc + at_kv, first, p, hs, scale, sinks ? sinks + hd : NULL, att, c->kv_bf16);
                 }
                 matvec(a, mat_at(c, w, ws, at + L_PROJ, xb), lw[L_PROJ_B], y, NR, C, C);
-#pragma omp single
-                {
+#pragma omp for schedule(static)
+                for (int r = 0; r < NR; r++) {  /* the residual, and the MLP's input */
+                    float *xr = x + (size_t)r * C, *tr = t + (size_t)r * C;
+                    const float *ar = a + (size_t)r * C;
                     if (c->pre_norm) {
-                        for (int i = 0; i < NR * C; i++) x[i] += a[i];
-                        for (int r = 0; r < NR; r++)
-                            norm(xn + (size_t)r * C, x + (size_t)r * C, lw[L_LN2], lw[L_LN2_B], C, c->layernorm, c->eps);
+                        for (int i = 0; i < C; i++) xr[i] += ar[i];
+                        norm(xn + (size_t)r * C, xr, lw[L_LN2], lw[L_LN2_B], C, c->layernorm, c->eps);
                     } else {
-                        for (int i = 0; i < NR * C; i++) t[i] = x[i] + a[i];
-                        for (int r = 0; r < NR; r++)
-                            norm(x + (size_t)r * C, t + (size_t)r * C, lw[L_LN1], lw[L_LN1_B], C, c->layernorm, c->eps);
-                        memcpy(xn, x, sizeof(float) * NR * C);
+                        for (int i = 0; i < C; i++) tr[i] = xr[i] + ar[i];
+                        norm(xr, tr, lw[L_LN1], lw[L_LN1_B], C, c->layernorm, c->eps);
+                        memcpy(xn + (size_t)r * C, xr, sizeof(float) * C);
                     }
                 }
                 /* MLP: its hidden activations into act (B, H) */
@@ -801,19 +798,20 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                     for (int i = 0; i < NR * H; i++) act[i] = 0.5f * h[i] * (1.0f + erff(h[i] * 0.70710678118654752f));
                 }
                 matvec(a, mat_at(c, w, ws, at + L_MPROJ, xb), lw[L_MPROJ_B], act, NR, C, H);
-#pragma omp single
-                {
+#pragma omp for schedule(static)
+                for (int r = 0; r < NR; r++) {
+                    float *xr = x + (size_t)r * C, *tr = t + (size_t)r * C;
+                    const float *ar = a + (size_t)r * C;
                     if (c->pre_norm) {
-                        for (int i = 0; i < NR * C; i++) x[i] += a[i];
+                        for (int i = 0; i < C; i++) xr[i] += ar[i];
                     } else {
-                        for (int i = 0; i < NR * C; i++) t[i] = x[i] + a[i];
-                        for (int r = 0; r < NR; r++)
-                            norm(x + (size_t)r * C, t + (size_t)r * C, lw[L_LN2], lw[L_LN2_B], C, c->layernorm, c->eps);
+                        for (int i = 0; i < C; i++) tr[i] = xr[i] + ar[i];
+                        norm(xr, tr, lw[L_LN2], lw[L_LN2_B], C, c->layernorm, c->eps);
                     }
                 }
             }
             if (t0 + tc == T) {  /* the last chunk: each row's last position through the final norm and the head */
-#pragma omp single
+#pragma omp for schedule(static)
                 for (int b = 0; b < B; b++) {
                     const float *last = x + (size_t)(b * tc + tc - 1) * C;
                     if (c->pre_norm)
