@@ -142,7 +142,7 @@ def run_report(run: str, size: str, rounds: int) -> tuple[list[str], dict]:
             run = gpt2_small_run(run, tmp)
         n_new = 200 if size == "run" else 64
         vs = generation_vs_llama_cpp(run, n_new=n_new, rounds=rounds)
-        streams = [engine_streams(run, w, 128, max(2, rounds // 2)) for w in ("bf16", "int8")]
+        streams = [engine_streams(run, w, 128, rounds) for w in ("bf16", "int8")]
     lines = []
     if vs.get("llama_cpp") is None:
         lines.append(f"vs llama.cpp: null ({vs['note']})")

@@ -205,10 +205,10 @@ async def stream(request, job, events, head, render, echo_texts):
             yield _sse(chunk)
         while True:
             kind, payload = await next_event(request, job, events)
-            if kind == "tokens":
-                for ev in payload:
-                    if ev.text or ev.token is not None or ev.finish:
-                        yield _sse(render.chunk(head, ev))
+            if kind == "tokens":  # a round's events (a few positions of every choice): one write
+                out = "".join(_sse(render.chunk(head, ev)) for ev in payload if ev.text or ev.token is not None or ev.finish)
+                if out:
+                    yield out
             elif kind == "done":
                 yield _sse({**render.chunk_head(head), "choices": [], "usage": payload})
                 yield "data: [DONE]\n\n"
