@@ -206,7 +206,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_acts_int8(x: torch.Tensor) -> torch.Tensor:
     """x (..., n) -> its int8 round trip by groups of QGROUP along the last dimension, as the fused step
-    quantizes a matmul's input with int8 weights (fused_decode.c's quantize_rows, llama.cpp's Q8_0 dot
+    quantizes a matmul's input with int8 weights (fused_decode.c's quantize_row, llama.cpp's Q8_0 dot
     product): d = max|x| / 127 per group, q = round(x * (1 / d)), half to even."""
     n = x.shape[-1]
     g = torch.nn.functional.pad(x.float(), (0, -n % QGROUP)).reshape(*x.shape[:-1], -1, QGROUP)

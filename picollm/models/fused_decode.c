@@ -12,8 +12,11 @@
    Weights: the matmul weights (embedding, q/k/v, projections, MLP, head) are float32, bfloat16, or int8
    with a float32 scale per group of 32 consecutive inputs of a row (llama.cpp's Q8_0 layout, scales kept
    apart); norms, biases and position tables come as float32. Activations and all accumulation are
-   float32, the KV cache float32 or bf16 (PicoCfg.kv_bf16: fused.py picks bf16 with bf16 or int8 weights); a matmul rounds its input to bf16 for bf16 weights (as PyTorch's bf16 model
-   does) and quantizes it to int8 by groups of 32 for int8 weights (as llama.cpp's Q8_0 dot product). The math follows models/transformer.py line by line: pre- or post-norm,
+   float32; the KV cache is float32 or bf16 (PicoCfg.kv_bf16: fused.py picks bf16 beside bf16 or int8
+   weights). A matmul rounds its input to bf16 for bf16 weights (as PyTorch's bf16 model does) and
+   quantizes it to int8 by groups of 32 for int8 weights (as llama.cpp's Q8_0 dot product). Without
+   AVX-512 (BF16, VNNI) the same math runs in plain C. The math follows models/transformer.py line by
+   line: pre- or post-norm,
    RMSNorm or LayerNorm, RoPE ("rotate half" pairs i, i + hs/2), learned or sinusoidal positions, GELU
    (erf), SwiGLU or ReLU^2 MLP, optional biases; grouped-query attention (n_kv_head kv heads, each serving
    n_head / n_kv_head consecutive query heads), sliding windows (every layer, or the even ones),

@@ -5,9 +5,9 @@ batches them). The engine admits up to max_active jobs, the others wait in arriv
 
 Where the model decodes through the fused C step (a Transformer on the CPU), the rows of every active job
 share one RowPool: a FusedRows of pool_rows KV-cache slots. A job's rows join when it is admitted (its
-prompts fed in one call each), and each round one C call samples and feeds a few positions (RowPool)
-for every live row of every job together (continuous batching). So N concurrent streams cost one batched step, not N. Each
-prompt draws its uniform numbers from its own generator, as `decode_steps` does, and a row's logits do
+prompts fed in one call each), and each round one C call samples and feeds a few positions (see RowPool)
+of every live row of every job together (continuous batching). So N concurrent streams cost one batched
+step, not N. Each prompt draws its uniform numbers from its own generator, as `decode_steps` does, and a row's logits do
 not depend on the rows beside it (fused_decode.c sums in the same order at any batch), so a seed gives the
 same tokens here as through `generate`, alone or beside other requests.
 
