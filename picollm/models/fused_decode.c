@@ -456,14 +456,20 @@ static inline void add_bias(float *out, const float *bias, int B, int n_out, int
         for (int j = j0; j < n_out && j < j1; j++) out[(size_t)b * n_out + j] += bias[j];
 }
 
-/* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out; W is (n_out, n_in): float32 row-major
-   (at batch 1 a row at a time, else 4: tiles_of), or packed bf16 or int8 tiles (the input's rows rounded
-   or quantized first). Called by every thread of pico_forward's parallel region: the tiles
-   are split among them (omp for, a barrier at the end). */
-static void matvec(float *out, Mat m, const float *bias, const float *x, int B, int n_out, int n_in) {
+/* Row b of a matmul's input (B rows of n_in) as its kernel reads it: rounded to bf16 or quantized to int8
+   into m.xb (float32 weights read x itself). Done by the loop that makes the row, where it can (one
+   barrier less per matmul). */
+static void prep_row(Mat m, const float *xr, int b, int B, int n_in) {
+    if (m.type == WT_BF16) round_bf16((uint16_t *)m.xb + (size_t)b * n_in, xr, (size_t)n_in);
+    else if (m.type == WT_INT8) quantize_row(qrows(m.xb, B, (n_in + QGROUP - 1) / QGROUP), xr, b, (n_in + QGROUP - 1) / QGROUP, n_in);
+}
+
+/* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out, the input's rows prepared (prep_row); W is
+   (n_out, n_in): float32 row-major (at batch 1 a row at a time, else 4: tiles_of), or packed bf16 or int8
+   tiles. Called by every thread of pico_forward's parallel region: the tiles are split among them (omp
+   for, a barrier at the end). */
+static void matvec_tiles(float *out, Mat m, const float *bias, const float *x, int B, int n_out, int n_in) {
     if (m.type == WT_BF16) {
-#pragma omp for schedule(static)
-        for (int b = 0; b < B; b++) round_bf16((uint16_t *)m.xb + (size_t)b * n_in, x + (size_t)b * n_in, (size_t)n_in);
 #pragma omp for schedule(static)
         for (int t = 0; t < (n_out + PT - 1) / PT; t++) {
             packed_rows(out, n_out, (const uint16_t *)m.w, t, n_in, (const uint16_t *)m.xb, B);
@@ -474,8 +480,6 @@ static void matvec(float *out, Mat m, const float *bias, const float *x, int B, 
     if (m.type == WT_INT8) {
         const int G = (n_in + QGROUP - 1) / QGROUP;
         const QRows xq = qrows(m.xb, B, G);
-#pragma omp for schedule(static)
-        for (int b = 0; b < B; b++) quantize_row(xq, x + (size_t)b * n_in, b, G, n_in);
 #pragma omp for schedule(static)
         for (int t = 0; t < (n_out + QT - 1) / QT; t++) {
             q8_rows(out, n_out, (const uint8_t *)m.w, m.s, t, G, xq, B);
@@ -492,6 +496,15 @@ static void matvec(float *out, Mat m, const float *bias, const float *x, int B, 
         else rows_tile(out, n_out, (const float *)m.w, j0, x, B, n_in, 1);
         if (bias) add_bias(out, bias, B, n_out, j0, j0 + nj);
     }
+}
+
+/* A matmul whose input rows are ready in x: they are prepared (split among the threads), then multiplied. */
+static void matvec(float *out, Mat m, const float *bias, const float *x, int B, int n_out, int n_in) {
+    if (m.type != WT_F32) {
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) prep_row(m, x + (size_t)b * n_in, b, B, n_in);
+    }
+    matvec_tiles(out, m, bias, x, B, n_out, n_in);
 }
 
 static void embed_row(float *dst, Mat m, int64_t tok, int C) {
@@ -673,6 +686,18 @@ static void attend(float *yh, const float *qh, const void *kh, const void *vh, i
     else attend_kv(yh, qh, kh, vh, first, pos, hs, scale, sink, att, 0);
 }
 
+/* A row's MLP output a added to its residual stream x (post-norm: t = x + a, then x = ln_2(t)); lw: the
+   layer's weights. */
+static void mlp_residual(const PicoCfg *c, const void *const *lw, float *x, float *t, const float *a) {
+    const int C = c->n_embd;
+    if (c->pre_norm) {
+        for (int i = 0; i < C; i++) x[i] += a[i];
+    } else {
+        for (int i = 0; i < C; i++) t[i] = x[i] + a[i];
+        norm(x, t, lw[L_LN2], lw[L_LN2_B], C, c->layernorm, c->eps);
+    }
+}
+
 /* Feed tokens (B, T) (row-major int64): row b at positions pos[b] .. pos[b]+T-1 of KV-cache slot slot[b]
    (slot NULL: slot b). The caches k, v are (L, n_slots, n_kv_head, block, hs) float32; the logits of each
    row's last position go to logits + slot[b] * V. A prompt's positions go through the layers together,
@@ -735,15 +760,18 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
             for (int l = 0; l < L; l++) {
                 const int at = N_GLOBAL + N_PER_LAYER * l;
                 const void *const *lw = w + at;
-                /* attention */
+                const Mat qkv_m = mat_at(c, w, ws, at + L_QKV, xb);
+                /* attention; its rows' loop first ends the previous layer (its MLP's residual) */
 #pragma omp for schedule(static)
                 for (int r = 0; r < NR; r++) {
+                    if (l > 0) mlp_residual(c, w + at - N_PER_LAYER, x + (size_t)r * C, t + (size_t)r * C, a + (size_t)r * C);
                     if (c->pre_norm)
                         norm(xn + (size_t)r * C, x + (size_t)r * C, lw[L_LN1], lw[L_LN1_B], C, c->layernorm, c->eps);
                     else
                         memcpy(xn + (size_t)r * C, x + (size_t)r * C, sizeof(float) * C);
+                    prep_row(qkv_m, xn + (size_t)r * C, r, NR, C);
                 }
-                matvec(qkv, mat_at(c, w, ws, at + L_QKV, xb), lw[L_QKV_B], xn, NR, QKV, C);
+                matvec_tiles(qkv, qkv_m, lw[L_QKV_B], xn, NR, QKV, C);
                 const int W = (c->window && !(c->window_alternate && (l % 2))) ? c->window : 0;
                 const float *sinks = (const float *)lw[L_SINKS];
 #pragma omp for schedule(static)
@@ -772,6 +800,7 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                            (const char *)vc + at_kv, first, p, hs, scale, sinks ? sinks + hd : NULL, att, c->kv_bf16);
                 }
                 matvec(a, mat_at(c, w, ws, at + L_PROJ, xb), lw[L_PROJ_B], y, NR, C, C);
+                const Mat fc = mat_at(c, w, ws, at + L_FC, xb), mproj = mat_at(c, w, ws, at + L_MPROJ, xb);
 #pragma omp for schedule(static)
                 for (int r = 0; r < NR; r++) {  /* the residual, and the MLP's input */
                     float *xr = x + (size_t)r * C, *tr = t + (size_t)r * C;
@@ -784,39 +813,33 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                         norm(xr, tr, lw[L_LN1], lw[L_LN1_B], C, c->layernorm, c->eps);
                         memcpy(xn + (size_t)r * C, xr, sizeof(float) * C);
                     }
+                    prep_row(fc, xn + (size_t)r * C, r, NR, C);
                 }
                 /* MLP: its hidden activations into act (B, H) */
-                const Mat fc = mat_at(c, w, ws, at + L_FC, xb);
-                if (c->swiglu) {
-                    matvec(h, fc, lw[L_FC_B], xn, NR, 2 * H, C);
-#pragma omp for schedule(static)
-                    for (int r = 0; r < NR; r++) silu_mul(act + (size_t)r * H, h + (size_t)r * 2 * H, h + (size_t)r * 2 * H + H, H);
-                } else if (c->relu2) {
-                    matvec(h, fc, lw[L_FC_B], xn, NR, H, C);
-#pragma omp for schedule(static)
-                    for (int i = 0; i < NR * H; i++) act[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;
-                } else {
-                    matvec(h, fc, lw[L_FC_B], xn, NR, H, C);
-#pragma omp for schedule(static)
-                    for (int i = 0; i < NR * H; i++) act[i] = 0.5f * h[i] * (1.0f + erff(h[i] * 0.70710678118654752f));
-                }
-                matvec(a, mat_at(c, w, ws, at + L_MPROJ, xb), lw[L_MPROJ_B], act, NR, C, H);
+                matvec_tiles(h, fc, lw[L_FC_B], xn, NR, c->swiglu ? 2 * H : H, C);
 #pragma omp for schedule(static)
                 for (int r = 0; r < NR; r++) {
-                    float *xr = x + (size_t)r * C, *tr = t + (size_t)r * C;
-                    const float *ar = a + (size_t)r * C;
-                    if (c->pre_norm) {
-                        for (int i = 0; i < C; i++) xr[i] += ar[i];
+                    float *ar = act + (size_t)r * H;
+                    if (c->swiglu) {
+                        silu_mul(ar, h + (size_t)r * 2 * H, h + (size_t)r * 2 * H + H, H);
                     } else {
-                        for (int i = 0; i < C; i++) tr[i] = xr[i] + ar[i];
-                        norm(xr, tr, lw[L_LN2], lw[L_LN2_B], C, c->layernorm, c->eps);
+                        const float *hr = h + (size_t)r * H;
+                        if (c->relu2)
+                            for (int i = 0; i < H; i++) ar[i] = hr[i] > 0.0f ? hr[i] * hr[i] : 0.0f;
+                        else
+                            for (int i = 0; i < H; i++) ar[i] = 0.5f * hr[i] * (1.0f + erff(hr[i] * 0.70710678118654752f));
                     }
+                    prep_row(mproj, ar, r, NR, H);
                 }
+                matvec_tiles(a, mproj, lw[L_MPROJ_B], act, NR, C, H);
             }
             if (t0 + tc == T) {  /* the last chunk: each row's last position through the final norm and the head */
 #pragma omp for schedule(static)
                 for (int b = 0; b < B; b++) {
-                    const float *last = x + (size_t)(b * tc + tc - 1) * C;
+                    const size_t r = (size_t)b * tc + tc - 1;  /* the last layer's MLP residual first (the other
+                       layers' is in the next layer's first loop; a chunk's other positions need it no more) */
+                    mlp_residual(c, w + N_GLOBAL + N_PER_LAYER * (L - 1), x + r * C, t + r * C, a + r * C);
+                    const float *last = x + r * C;
                     if (c->pre_norm)
                         norm(head_in + (size_t)b * C, last, w[W_LNF], w[W_LNF_B], C, c->layernorm, c->eps);
                     else
