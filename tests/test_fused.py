@@ -13,7 +13,7 @@ from picollm import sampling
 from picollm.config import ModelConfig, SampleConfig
 from picollm.errors import PicoError
 from picollm.models import build_model
-from picollm.models.fused import FusedDecoder, FusedRows, fused_unavailable
+from picollm.models.fused import FusedDecoder, FusedRows, bf16_rounded, fused_unavailable
 from picollm.sampling import decode_steps, decoder_for, generate
 
 
@@ -65,22 +65,6 @@ def test_fused_step_matches_the_model_for_every_architecture(pos, norm, placemen
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-def bf16_reference(bf: torch.nn.Module) -> torch.nn.Module:
-    """PyTorch's float32 math on what the bf16 step reads: a float32 copy of the bf16 model whose matmul
-    inputs are rounded to bf16 and whose K and V are rounded to bf16 as the step's KV cache holds them."""
-    rounded = build_model(bf.cfg).eval()
-    rounded.load_state_dict({k: v.float() for k, v in bf.state_dict().items()})
-    rounded.rope_cos.copy_(bf.rope_cos.float())  # buffers (not in the state dict) rounded as well
-    rounded.rope_sin.copy_(bf.rope_sin.float())
-    for mod in rounded.modules():
-        if isinstance(mod, torch.nn.Linear):
-            mod.register_forward_pre_hook(lambda _m, args: (args[0].bfloat16().float(),))
-    for blk in rounded.blocks:
-        for hook in (blk.attn.hook_k, blk.attn.hook_v):
-            hook.register_forward_hook(lambda _m, _args, out: out.bfloat16().float())
-    return rounded
-
-
 def test_fused_step_with_bf16_weights_is_the_float32_math_on_bf16_matmul_operands():
     """bf16 weights take bf16 inputs (as PyTorch's bf16 model and llama.cpp's f16 do; _mm512_dpbf16_ps multiplies
     them): the step equals float32 PyTorch on the rounded weights with every matmul's input rounded to bf16
@@ -89,7 +73,7 @@ def test_fused_step_with_bf16_weights_is_the_float32_math_on_bf16_matmul_operand
     cfg = ModelConfig(vocab_size=97, block_size=32, n_embd=64, n_layer=2, n_head=4)
     m = perturbed(cfg)
     bf = copy.deepcopy(m).to(torch.bfloat16)
-    rounded = bf16_reference(bf)
+    rounded = bf16_rounded(bf)
     idx = torch.randint(97, (2, 32))
     got = stepped_logits(FusedDecoder(bf), idx, prefill=5)
     # where the two float32 sums differ in their last bits an input (or a K or V element) may round to the
@@ -413,7 +397,7 @@ def test_generate_reuses_the_decoder_until_a_weight_changes():
 def test_the_plain_c_build_computes_the_same_math(monkeypatch):
     """Built without -march=native (a CPU without AVX-512: every kernel's plain-C branch), the step still
     computes PyTorch's math on what it reads: fp32 to float32 rounding; bf16 and int8 against their
-    references (bf16_reference, int8_rounded) except where a value rounds to the other bf16 or int8
+    references (bf16_rounded, int8_rounded) except where a value rounds to the other bf16 or int8
     neighbour than in PyTorch (the float sums differ in the last bits). Such a flip moves its position's
     logits by about a step, and through the KV cache the rest of its row: one row of four at most here."""
     from picollm.models.fused import int8_rounded
@@ -432,7 +416,7 @@ def test_the_plain_c_build_computes_the_same_math(monkeypatch):
     assert "zmm" not in code  # no AVX-512 instruction: the plain-C branches
     with torch.no_grad():
         torch.testing.assert_close(stepped_logits(FusedDecoder(m, "fp32"), idx, 5), m(idx)[:, 4:], atol=2e-5, rtol=1e-4)
-        for model, weights, ref in ((bf, "model", bf16_reference(bf)), (m, "int8", int8_rounded(m))):
+        for model, weights, ref in ((bf, "model", bf16_rounded(bf)), (m, "int8", int8_rounded(m))):
             diff = (stepped_logits(FusedDecoder(model, weights), idx, 5) - ref(idx)[:, 4:]).abs()
             per_position = diff.amax(-1)
             assert diff.max() < 5e-3 and (per_position < 1e-5).float().mean() >= 0.7, (weights, per_position)

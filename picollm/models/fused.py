@@ -233,6 +233,24 @@ def int8_rounded(model: torch.nn.Module) -> torch.nn.Module:
     return out
 
 
+def bf16_rounded(model: torch.nn.Module) -> torch.nn.Module:
+    """A float32 copy of a bf16 Transformer as the fused step computes it with bf16 weights: every matmul's
+    input rounded to bf16 (what vdpbf16ps multiplies) and K and V rounded to bf16 as its KV cache holds them
+    (by hooks). PyTorch's view of the bf16 step."""
+    out = Transformer(model.cfg).eval()
+    out.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    for name in ("rope_cos", "rope_sin"):  # buffers (not in the state dict) as the bf16 model holds them
+        if getattr(model, name, None) is not None:
+            getattr(out, name).copy_(getattr(model, name).float())
+    for mod in out.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.register_forward_pre_hook(lambda _m, args: (args[0].bfloat16().float(), *args[1:]))
+    for blk in out.blocks:
+        for hook in (blk.attn.hook_k, blk.attn.hook_v):
+            hook.register_forward_hook(lambda _m, _args, kv: kv.bfloat16().float())
+    return out
+
+
 def _matmul_weights(model) -> list[torch.Tensor]:
     mats = [model.wte.weight] + ([] if model.head.weight is model.wte.weight else [model.head.weight])
     for blk in model.blocks:
