@@ -70,6 +70,11 @@ def test_fused_step_with_bf16_weights_is_the_float32_math_on_bf16_matmul_operand
     them): the step equals float32 PyTorch on the rounded weights with every matmul's input rounded to bf16
     (the products are exact in float32; only the order of the sums differs), and with K and V rounded to
     bf16 as the step's KV cache holds them. Norms, residual and attention stay float32."""
+    sinusoidal = ModelConfig(vocab_size=97, block_size=32, n_embd=64, n_layer=2, n_head=4, pos_emb="sinusoidal")
+    s = copy.deepcopy(perturbed(sinusoidal)).to(torch.bfloat16)  # its position table (a buffer) rounded too
+    idx = torch.randint(97, (2, 32))
+    diff = (stepped_logits(FusedDecoder(s), idx, prefill=5) - bf16_rounded(s)(idx)[:, 4:]).abs()
+    assert diff.max() < 5e-3 and (diff.amax(-1) < 1e-5).float().mean() >= 0.8, diff.amax(-1)
     cfg = ModelConfig(vocab_size=97, block_size=32, n_embd=64, n_layer=2, n_head=4)
     m = perturbed(cfg)
     bf = copy.deepcopy(m).to(torch.bfloat16)
@@ -361,18 +366,27 @@ def test_generate_batch_decodes_ragged_prompts_alike_through_both_paths():
     assert all(row[len(p):].count(eot) <= 1 for p, row in zip(prompts, a))
 
 
-def test_a_prompt_goes_through_the_layers_in_chunks(monkeypatch):
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_a_prompt_goes_through_the_layers_in_chunks(monkeypatch, placement):
     """The prefill feeds up to the scratch's rows of (row, position) pairs at once: with room for 3, a
     10-token prompt of 2 rows goes in chunks of 1 position (2 rows) and 12 tokens of 1 row in chunks of 3;
-    the logits equal the full-sequence forward either way, every weight type's step alike."""
-    monkeypatch.setattr(fused, "PREFILL_ROWS", 3)
-    cfg = ModelConfig(vocab_size=61, block_size=24, n_embd=32, n_layer=2, n_head=4, sliding_window=5)
+    the logits equal the full-sequence forward either way (fp32), and equal the same decoder's with room
+    for every position (bf16, int8: a layer's MLP residual is added in the next layer's first loop, the
+    last layer's only for the positions the head reads)."""
+    cfg = ModelConfig(vocab_size=61, block_size=24, n_embd=48, n_layer=3, n_head=4, sliding_window=5,
+                      norm_placement=placement)
     m = perturbed(cfg, seed=7)
+    bf = copy.deepcopy(m).to(torch.bfloat16)
     for B, prefill in ((2, 10), (1, 12)):
         idx = torch.randint(61, (B, 20))
-        dec = FusedDecoder(m)
-        assert dec.new_state(B).rows == 3
-        torch.testing.assert_close(stepped_logits(dec, idx, prefill), m(idx)[:, prefill - 1:], atol=2e-5, rtol=1e-4)
+        whole = {w: stepped_logits(FusedDecoder(model, w), idx, prefill) for w, model in (("model", bf), ("int8", m))}
+        with monkeypatch.context() as mp:
+            mp.setattr(fused, "PREFILL_ROWS", 3)
+            dec = FusedDecoder(m)
+            assert dec.new_state(B).rows == 3
+            torch.testing.assert_close(stepped_logits(dec, idx, prefill), m(idx)[:, prefill - 1:], atol=2e-5, rtol=1e-4)
+            for w, model in (("model", bf), ("int8", m)):
+                assert torch.equal(stepped_logits(FusedDecoder(model, w), idx, prefill), whole[w]), w
 
 
 def test_generate_reuses_the_decoder_until_a_weight_changes():

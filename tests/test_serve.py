@@ -245,6 +245,59 @@ def test_concurrent_requests_interleave_without_changing_draws(server, loaded):
     assert get(server + "/health")[1]["batch_max"] == 2  # the two slots' requests stepped together
 
 
+def _engine_transcripts(run_dir, loaded, monkeypatch, max_positions: int):
+    """Three requests through an in-process engine whose rounds take max_positions positions: per request,
+    each choice's text, token ids and logprobs, finish reason, and the usage; and the rounds' length."""
+    from picollm.serve import engine as eng
+
+    model, tok = loaded
+    monkeypatch.setattr(eng, "ROUND_SECONDS", 10.0)  # every round as long as ROUND_MAX_POSITIONS allows
+    monkeypatch.setattr(eng, "ROUND_MAX_POSITIONS", max_positions)
+    served = eng.ServedModel(id="m", run_dir=run_dir, model=model, tokenizer=tok, configs=None, summary={}, created=0)
+    specs = [  # prompts, sampling, choices, stop strings, logprobs
+        (["the cat"], SampleConfig(max_new_tokens=30, top_p=0.9, seed=1, stop_at_eot=True), 3, [" th", "e a"], None),
+        (["a dog", "the bird"], SampleConfig(max_new_tokens=7, seed=2, stop_at_eot=True), 2, [], 2),
+        (["the house"], SampleConfig(max_new_tokens=25, greedy=True, stop_at_eot=True), 1, [], None),
+    ]
+    engine = eng.Engine(max_active=4, max_new_tokens=64)
+    done = threading.Semaphore(0)
+    logs: list[list] = [[] for _ in specs]
+    jobs = [eng.Job(served, [tok.encode(p) for p in prompts], cfg, n, stops, lp,
+                    emit=lambda kind, payload, log=log: (log.append((kind, payload)),
+                                                         kind in ("done", "error") and done.release()))
+            for (prompts, cfg, n, stops, lp), log in zip(specs, logs)]
+    for job in jobs:
+        engine.submit(job)
+    for _ in jobs:
+        assert done.acquire(timeout=120)
+    positions = [pool.positions for pool in engine._pools.values() if pool is not None]
+    engine.close()
+    out = []
+    for job, log in zip(jobs, logs):
+        text, tokens, finish = [""] * len(job.choices), [[] for _ in job.choices], [None] * len(job.choices)
+        for kind, payload in log:
+            assert kind in ("tokens", "done"), payload
+            for ev in payload if kind == "tokens" else []:
+                text[ev.index] += ev.text
+                tokens[ev.index].append(ev.token)
+                finish[ev.index] = ev.finish or finish[ev.index]
+        out.append((text, tokens, finish, log[-1][1]))
+    return out, positions
+
+
+def test_engine_rounds_of_many_positions_send_what_rounds_of_one_do(run_dir, loaded, monkeypatch):
+    """Rounds of 16 positions (the C loop running on past a choice that a stop string, end-of-text or
+    max_tokens ended) give every request the same texts, tokens, logprobs, finish reasons and usage as
+    rounds of one position: sampled with n > 1 and stop strings, two prompts with logprobs, greedy."""
+    one, p1 = _engine_transcripts(run_dir, loaded, monkeypatch, 1)
+    many, p16 = _engine_transcripts(run_dir, loaded, monkeypatch, 16)
+    assert p1 == [1] and p16 == [16]
+    assert one == many
+    finishes = [f for _, _, fin, _ in one for f in fin]
+    assert "stop" in finishes and "length" in finishes  # both ways of ending were exercised
+    assert all(t is not None for t in one[1][1][0])  # the logprobs request got a logprob per token
+
+
 def test_disconnect_frees_the_slot(run_dir, loaded):
     # 200,000 greedy tokens: minutes of decoding even batched (2,000 took well under a second), so the
     # request is still running when the client goes away; greedy, so it cannot end early by drawing

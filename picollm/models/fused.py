@@ -239,9 +239,8 @@ def bf16_rounded(model: torch.nn.Module) -> torch.nn.Module:
     (by hooks). PyTorch's view of the bf16 step."""
     out = Transformer(model.cfg).eval()
     out.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-    for name in ("rope_cos", "rope_sin"):  # buffers (not in the state dict) as the bf16 model holds them
-        if getattr(model, name, None) is not None:
-            getattr(out, name).copy_(getattr(model, name).float())
+    for name, buf in model.named_buffers():  # RoPE and sinusoidal tables (not in the state dict) as the bf16 model holds them
+        out.get_buffer(name).copy_(buf.float())
     for mod in out.modules():
         if isinstance(mod, torch.nn.Linear):
             mod.register_forward_pre_hook(lambda _m, args: (args[0].bfloat16().float(), *args[1:]))

@@ -838,7 +838,7 @@ int pico_forward(const PicoCfg *c, const void *const *w, const float *const *ws,
                 for (int b = 0; b < B; b++) {
                     const size_t r = (size_t)b * tc + tc - 1;  /* the last layer's MLP residual first (the other
                        layers' is in the next layer's first loop; a chunk's other positions need it no more) */
-                    mlp_residual(c, w + N_GLOBAL + N_PER_LAYER * (L - 1), x + r * C, t + r * C, a + r * C);
+                    if (L > 0) mlp_residual(c, w + N_GLOBAL + N_PER_LAYER * (L - 1), x + r * C, t + r * C, a + r * C);
                     const float *last = x + r * C;
                     if (c->pre_norm)
                         norm(head_in + (size_t)b * C, last, w[W_LNF], w[W_LNF_B], C, c->layernorm, c->eps);
