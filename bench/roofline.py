@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from picollm.models.fused import _FLAGS, _SOURCE  # noqa: E402
+from picollm.models.transformer import swiglu_hidden  # noqa: E402
 
 PROGRAM = r"""
 #include "%(source)s"
@@ -133,9 +134,9 @@ int main(void) {
 }
 """
 
-MODELS = {  # the matmuls' multiply-adds a token (qkv, proj, fc, mlp proj per layer, and the head)
-    "t4": dict(layers=4, C=256, H=688, V=4096, name="T4 (4 layers, n_embd 256, SwiGLU 688, vocab 4096)"),
-    "gpt2-small": dict(layers=12, C=768, H=2048, V=4096, name="GPT-2 small size (12 layers, n_embd 768, SwiGLU 2048, vocab 4096)"),
+MODELS = {  # Llama-style (SwiGLU), vocab 4096: the T4 run of bench/RESULTS.md and decode_step.py's --size gpt2-small
+    "t4": dict(layers=4, C=256, V=4096, name="T4"),
+    "gpt2-small": dict(layers=12, C=768, V=4096, name="GPT-2 small size"),
 }
 
 
@@ -168,9 +169,11 @@ def main() -> None:
     print(f"fused_decode.c's batch-8 kernels (3072 x 768): bf16 {m['kbf16']:.1f} us ({eff['bf16']:.0%} of vdpbf16ps), "
           f"int8 {m['kint8']:.1f} us ({eff['int8']:.0%} of vpdpbusd)")
     d = MODELS[a.model]
-    C, H, L, V = d["C"], d["H"], d["layers"], d["V"]
+    C, L, V = d["C"], d["layers"], d["V"]
+    H = swiglu_hidden(C)
     macs = L * (C * 3 * C + C * C + C * 2 * H + H * C) + V * C
-    print(f"\n{d['name']}: {macs / 1e6:.2f} M multiply-adds a token in its matmuls")
+    print(f"\n{d['name']} ({L} layers, n_embd {C}, SwiGLU {H}, vocab {V}): {macs / 1e6:.2f} M multiply-adds a token "
+          "in its matmuls")
     print("| weights | batch 1 >= (weights read once) | batch 8 >= (8 rows at the kernel's rate) | 8 streams / 1 at most |")
     print("|---|---|---|---|")
     for w, nbytes, per_instr, rate in (("bf16", 2 * macs, 32, m["bf16"]), ("int8", macs * 1.125, 64, m["vnni"])):

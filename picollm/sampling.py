@@ -14,6 +14,7 @@ import torch
 from .config import SampleConfig
 from .device import resolve_precision
 from .errors import PicoError
+from .models.base import eval_mode
 from .models.fused import FusedDecoder, FusedRows, cached_decoder, fused_unavailable
 
 
@@ -150,17 +151,11 @@ def decode_steps(model, idx: torch.Tensor, cfg: SampleConfig, eot_id: Optional[i
     restored when it ends either way.
     """
     stepper = decoder_for(model, decoder)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if isinstance(stepper, FusedDecoder):
-                yield from _decode_fused(stepper, idx, cfg, eot_id, chunk, logits)
-            else:
-                yield from _decode(stepper, idx, cfg, eot_id)
-    finally:
-        if was_training:
-            model.train()
+    with eval_mode(model), torch.no_grad():
+        if isinstance(stepper, FusedDecoder):
+            yield from _decode_fused(stepper, idx, cfg, eot_id, chunk, logits)
+        else:
+            yield from _decode(stepper, idx, cfg, eot_id)
 
 
 def _generator(cfg: SampleConfig, device) -> Optional[torch.Generator]:
@@ -252,13 +247,11 @@ def generate_batch(model, prompts: list[list[int]], cfg: SampleConfig, eot_id: O
     if not prompts or any(len(p) == 0 for p in prompts):
         raise PicoError("generate_batch needs at least one prompt, each of at least one token")
     stepper = decoder_for(model, decoder)
-    was_training = model.training
-    model.eval()
-    try:
-        B = len(prompts)
+    B = len(prompts)
+    stop = eot_id if cfg.stop_at_eot else None
+    with eval_mode(model):
         gen = _generator(cfg, "cpu" if isinstance(stepper, FusedDecoder) else next(model.parameters()).device)
         greedy = cfg.greedy or cfg.temperature == 0
-        stop = eot_id if cfg.stop_at_eot else None
         if isinstance(stepper, FusedDecoder):
             rows = FusedRows(stepper, B, cfg.max_new_tokens)
             try:
@@ -269,9 +262,6 @@ def generate_batch(model, prompts: list[list[int]], cfg: SampleConfig, eot_id: O
                 rows.close()
         else:
             toks = _ragged_torch(stepper, prompts, cfg, stop, gen)
-    finally:
-        if was_training:
-            model.train()
     out = []
     for r, p in enumerate(prompts):
         new = toks[:, r].tolist()

@@ -224,13 +224,7 @@ def int8_rounded(model: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():
         for m in _matmul_weights(out):
             m.copy_(dequantize_int8(*quantize_int8(m)))
-    linears = [out.head] + [m for blk in out.blocks for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc, blk.mlp.proj)]
-    for lin in linears:
-        lin.register_forward_pre_hook(lambda _mod, args: (quantize_acts_int8(args[0]), *args[1:]))
-    for blk in out.blocks:
-        for hook in (blk.attn.hook_k, blk.attn.hook_v):
-            hook.register_forward_hook(lambda _mod, _args, kv: kv.bfloat16().float())
-    return out
+    return _rounded_as_the_step(out, quantize_acts_int8)
 
 
 def bf16_rounded(model: torch.nn.Module) -> torch.nn.Module:
@@ -241,20 +235,28 @@ def bf16_rounded(model: torch.nn.Module) -> torch.nn.Module:
     out.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     for name, buf in model.named_buffers():  # RoPE and sinusoidal tables (not in the state dict) as the bf16 model holds them
         out.get_buffer(name).copy_(buf.float())
-    for mod in out.modules():
-        if isinstance(mod, torch.nn.Linear):
-            mod.register_forward_pre_hook(lambda _m, args: (args[0].bfloat16().float(), *args[1:]))
-    for blk in out.blocks:
+    return _rounded_as_the_step(out, lambda x: x.bfloat16().float())
+
+
+def _rounded_as_the_step(model: torch.nn.Module, round_input) -> torch.nn.Module:
+    """Hooks on a float32 Transformer: every matmul's input through round_input, K and V rounded to bf16 (the
+    KV cache of the bf16 and int8 steps)."""
+    for lin in _matmul_linears(model):
+        lin.register_forward_pre_hook(lambda _mod, args: (round_input(args[0]), *args[1:]))
+    for blk in model.blocks:
         for hook in (blk.attn.hook_k, blk.attn.hook_v):
-            hook.register_forward_hook(lambda _m, _args, kv: kv.bfloat16().float())
-    return out
+            hook.register_forward_hook(lambda _mod, _args, kv: kv.bfloat16().float())
+    return model
+
+
+def _matmul_linears(model) -> list[torch.nn.Linear]:
+    """The Linears the fused step reads as matmuls: the head, each block's q/k/v, projection and MLP."""
+    return [model.head] + [m for blk in model.blocks for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc, blk.mlp.proj)]
 
 
 def _matmul_weights(model) -> list[torch.Tensor]:
-    mats = [model.wte.weight] + ([] if model.head.weight is model.wte.weight else [model.head.weight])
-    for blk in model.blocks:
-        mats += [blk.attn.qkv.weight, blk.attn.proj.weight, blk.mlp.fc.weight, blk.mlp.proj.weight]
-    return mats
+    """The weights the fused step reads as matmul weights: the embedding (its rows) and _matmul_linears'."""
+    return [model.wte.weight] + [m.weight for m in _matmul_linears(model) if m.weight is not model.wte.weight]
 
 
 @dataclass

@@ -281,21 +281,26 @@ static inline __attribute__((always_inline)) void packed_tile(float *out, size_t
 #endif
 }
 
+/* TILE(nb) for nb = NB (1..8) as a constant, so that a tile's nb rows of sums stay in registers. */
+#define WITH_CONSTANT_NB(NB, TILE) \
+    switch (NB) { \
+        case 8: TILE(8); break; \
+        case 7: TILE(7); break; \
+        case 6: TILE(6); break; \
+        case 5: TILE(5); break; \
+        case 4: TILE(4); break; \
+        case 3: TILE(3); break; \
+        case 2: TILE(2); break; \
+        case 1: TILE(1); break; \
+        default: break; \
+    }
+
 /* Tile t of a packed bf16 matrix for all B rows of x, 8 at a time. */
 static void packed_rows(float *out, int n_out, const uint16_t *P, int t, int n_in, const uint16_t *xb, int B) {
-    int b = 0;
-    for (; b + 8 <= B; b += 8) packed_tile(out + (size_t)b * n_out, n_out, P, t, n_out, n_in, xb + (size_t)b * n_in, 8);
-    float *o = out + (size_t)b * n_out;
-    const uint16_t *x = xb + (size_t)b * n_in;
-    switch (B - b) {
-        case 7: packed_tile(o, n_out, P, t, n_out, n_in, x, 7); break;
-        case 6: packed_tile(o, n_out, P, t, n_out, n_in, x, 6); break;
-        case 5: packed_tile(o, n_out, P, t, n_out, n_in, x, 5); break;
-        case 4: packed_tile(o, n_out, P, t, n_out, n_in, x, 4); break;
-        case 3: packed_tile(o, n_out, P, t, n_out, n_in, x, 3); break;
-        case 2: packed_tile(o, n_out, P, t, n_out, n_in, x, 2); break;
-        case 1: packed_tile(o, n_out, P, t, n_out, n_in, x, 1); break;
-        default: break;
+    for (int b = 0; b < B; b += 8) {
+#define PACKED_TILE(nb) packed_tile(out + (size_t)b * n_out, n_out, P, t, n_out, n_in, xb + (size_t)b * n_in, nb)
+        WITH_CONSTANT_NB(B - b < 8 ? B - b : 8, PACKED_TILE)
+#undef PACKED_TILE
     }
 }
 
@@ -432,22 +437,11 @@ static inline __attribute__((always_inline)) void q8_tile(float *out, size_t ost
 
 /* Tile t of a packed int8 matrix for all B rows of x, 8 at a time. */
 static void q8_rows(float *out, int n_out, const uint8_t *P, const float *PS, int t, int G, QRows x, int B) {
-    int b = 0;
-    for (; b + 8 <= B; b += 8) {
+    for (int b = 0; b < B; b += 8) {
         const QRows xs = {x.q + (size_t)b * G * QGROUP, x.d + (size_t)b * G, x.c + (size_t)b * G};
-        q8_tile(out + (size_t)b * n_out, n_out, P, PS, t, n_out, G, xs, 8);
-    }
-    const QRows xs = {x.q + (size_t)b * G * QGROUP, x.d + (size_t)b * G, x.c + (size_t)b * G};
-    float *o = out + (size_t)b * n_out;
-    switch (B - b) {
-        case 7: q8_tile(o, n_out, P, PS, t, n_out, G, xs, 7); break;
-        case 6: q8_tile(o, n_out, P, PS, t, n_out, G, xs, 6); break;
-        case 5: q8_tile(o, n_out, P, PS, t, n_out, G, xs, 5); break;
-        case 4: q8_tile(o, n_out, P, PS, t, n_out, G, xs, 4); break;
-        case 3: q8_tile(o, n_out, P, PS, t, n_out, G, xs, 3); break;
-        case 2: q8_tile(o, n_out, P, PS, t, n_out, G, xs, 2); break;
-        case 1: q8_tile(o, n_out, P, PS, t, n_out, G, xs, 1); break;
-        default: break;
+#define Q8_TILE(nb) q8_tile(out + (size_t)b * n_out, n_out, P, PS, t, n_out, G, xs, nb)
+        WITH_CONSTANT_NB(B - b < 8 ? B - b : 8, Q8_TILE)
+#undef Q8_TILE
     }
 }
 
@@ -460,8 +454,9 @@ static inline void add_bias(float *out, const float *bias, int B, int n_out, int
    into m.xb (float32 weights read x itself). Done by the loop that makes the row, where it can (one
    barrier less per matmul). */
 static void prep_row(Mat m, const float *xr, int b, int B, int n_in) {
+    const int G = (n_in + QGROUP - 1) / QGROUP;
     if (m.type == WT_BF16) round_bf16((uint16_t *)m.xb + (size_t)b * n_in, xr, (size_t)n_in);
-    else if (m.type == WT_INT8) quantize_row(qrows(m.xb, B, (n_in + QGROUP - 1) / QGROUP), xr, b, (n_in + QGROUP - 1) / QGROUP, n_in);
+    else if (m.type == WT_INT8) quantize_row(qrows(m.xb, B, G), xr, b, G, n_in);
 }
 
 /* out[b, j] = W[j, :] . x[b, :] (+ bias[j]) for b < B, j < n_out, the input's rows prepared (prep_row); W is

@@ -7,9 +7,9 @@ Where the model decodes through the fused C step (a Transformer on the CPU), the
 share one RowPool: a FusedRows of pool_rows KV-cache slots. A job's rows join when it is admitted (its
 prompts fed in one call each), and each round one C call samples and feeds a few positions (see RowPool)
 of every live row of every job together (continuous batching). So N concurrent streams cost one batched
-step, not N. Each prompt draws its uniform numbers from its own generator, as `decode_steps` does, and a row's logits do
-not depend on the rows beside it (fused_decode.c sums in the same order at any batch), so a seed gives the
-same tokens here as through `generate`, alone or beside other requests.
+step, not N. Each prompt draws its uniform numbers from its own generator, as `decode_steps` does, and a
+row's logits do not depend on the rows beside it (fused_decode.c sums in the same order at any batch), so
+a seed gives the same tokens here as through `generate`, alone or beside other requests.
 
 Other models (LSTM, k-gram, a mixture of experts, a GPU), and a job with more rows than the pool holds,
 run their own `decode_steps` iterators, interleaved token by token. A job whose client went away is
@@ -201,10 +201,10 @@ class Job:
         for p, rows in enumerate(self.slots):
             if not rows:
                 continue
-            for i, ids in enumerate(tokens):
-                events += self._deliver(p, [ids[r] for r in rows], None if logits is None else logits[i, rows])
+            for i, ids in enumerate(tokens):  # positions after the prompt's last choice ended are not its
                 if self._finished(p):
                     break
+                events += self._deliver(p, [ids[r] for r in rows], None if logits is None else logits[i, rows])
             if self._finished(p):
                 self.pool.give_back(rows)
                 self.slots[p] = []
